@@ -1,0 +1,139 @@
+"""DINOv2 ViTs built by timm, with the official position-embedding interpolation."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from .registry import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, WeightsSpec, register_backbone
+
+_OFFICIAL_URL = "https://dl.fbaipublicfiles.com/dinov2/{arch}/{arch}{reg}_pretrain.pth"
+
+
+class DinoV2PatchEncoder(torch.nn.Module):
+    """Last-block patch tokens with the final LayerNorm; CLS and register tokens dropped.
+
+    ``forward(x)`` takes (B, 3, H, W) with H, W multiples of 14 and returns (B, H/14, W/14, C).
+    The position embedding (trained at 37 x 37) is resampled exactly as the official hub model
+    does: bicubic, ``scale_factor=(g + offset) / 37`` for offset 0.1, or ``size=g`` with
+    antialiasing for the register variants (offset 0).
+    """
+
+    patch_size = 14
+
+    def __init__(self, vit: VisionTransformer, *, interpolate_offset: float, antialias: bool):
+        super().__init__()
+        self.vit = vit
+        self.interpolate_offset = interpolate_offset
+        self.antialias = antialias
+        self.vit._pos_embed = self._pos_embed  # type: ignore[method-assign]
+
+    def load_official_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load an official DINOv2 checkpoint (or timm-format weights) strictly."""
+        converted = checkpoint_filter_fn(dict(state_dict), self.vit)
+        self.vit.load_state_dict(converted, strict=True)
+
+    def _resampled_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        vit = self.vit
+        prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        pos = vit.pos_embed.float()
+        n_patch = pos.shape[1] - prefix
+        side = int(math.sqrt(n_patch))
+        if grid_h == side and grid_w == side:
+            return pos
+        patch_pos = pos[:, prefix:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        if self.interpolate_offset:
+            scale = (
+                (grid_h + self.interpolate_offset) / side,
+                (grid_w + self.interpolate_offset) / side,
+            )
+            patch_pos = F.interpolate(
+                patch_pos, scale_factor=scale, mode="bicubic", antialias=self.antialias
+            )
+        else:
+            patch_pos = F.interpolate(
+                patch_pos, size=(grid_h, grid_w), mode="bicubic", antialias=self.antialias
+            )
+        if patch_pos.shape[-2:] != (grid_h, grid_w):
+            raise RuntimeError(f"position embedding resampled to {tuple(patch_pos.shape[-2:])}")
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+        return torch.cat([pos[:, :prefix], patch_pos], dim=1)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        batch, grid_h, grid_w, dim = x.shape
+        x = x.reshape(batch, grid_h * grid_w, dim)
+        pos = self._resampled_pos_embed(grid_h, grid_w).to(x.dtype)
+        cls = vit.cls_token.expand(batch, -1, -1)
+        if vit.no_embed_class:
+            x = torch.cat([cls, x + pos], dim=1)
+        else:
+            x = torch.cat([cls, x], dim=1) + pos
+        if vit.reg_token is not None:
+            x = torch.cat([x[:, :1], vit.reg_token.expand(batch, -1, -1), x[:, 1:]], dim=1)
+        return vit.pos_drop(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"input {height}x{width} is not a multiple of {self.patch_size}")
+        tokens = self.vit.forward_features(x)
+        patches = tokens[:, self.vit.num_prefix_tokens :]
+        return patches.reshape(batch, height // self.patch_size, width // self.patch_size, -1)
+
+
+def _build(timm_name: str, *, reg: bool) -> DinoV2PatchEncoder:
+    vit = timm.create_model(
+        timm_name, pretrained=False, img_size=518, dynamic_img_size=True, num_classes=0
+    )
+    return DinoV2PatchEncoder(vit, interpolate_offset=0.0 if reg else 0.1, antialias=reg)
+
+
+_ARCHS = {
+    # name: (timm arch, embed dim, official sha256 of the plain / reg checkpoint)
+    "s": (
+        "vit_small_patch14",
+        384,
+        "b938bf1bc15cd2ec0feacfe3a1bb553fe8ea9ca46a7e1d8d00217f29aef60cd9",
+        None,
+    ),
+    "b": (
+        "vit_base_patch14",
+        768,
+        "0b8b82f85de91b424aded121c7e1dcc2b7bc6d0adeea651bf73a13307fad8c73",
+        "73182a088cf94833c94b1666d1c99e02fe87e2007bff57b564fb6206e25dba71",
+    ),
+    "l": ("vit_large_patch14", 1024, None, None),
+    "g": ("vit_giant_patch14", 1536, None, None),
+}
+
+for _size, (_timm_arch, _dim, _sha, _sha_reg) in _ARCHS.items():
+    for _reg in (False, True):
+        _arch = f"dinov2_vit{_size}14"
+        _name = _arch + ("_reg" if _reg else "")
+        _timm_name = f"{_timm_arch}_{'reg4_' if _reg else ''}dinov2"
+        _file = f"{_arch}{'_reg4' if _reg else ''}_pretrain.pth"
+        register_backbone(
+            BackboneSpec(
+                name=_name,
+                family="dinov2",
+                build=partial(_build, _timm_name, reg=_reg),
+                feature_dim=_dim,
+                patch_size=14,
+                size_multiple=14,
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+                weights=WeightsSpec(
+                    filename=_file,
+                    sha256=_sha_reg if _reg else _sha,
+                    url=_OFFICIAL_URL.format(arch=_arch, reg="_reg4" if _reg else ""),
+                    hf_hub_id=f"timm/{_timm_name}.lvd142m",
+                ),
+                mask_threshold=10.0,
+            )
+        )

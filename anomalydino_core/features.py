@@ -1,0 +1,141 @@
+"""Images in, patch-feature grids out: preprocessing, batching, device and precision."""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbones import LoadedBackbone, PreprocessConfig
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def select_device(device: str = "auto") -> torch.device:
+    """CUDA when present (``auto``), else CPU; never a hard dependency on CUDA."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@functools.cache
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> Literal["fp32", "bf16"]:
+    """``auto``: bf16 where the hardware runs it natively (AMX / AVX512-BF16, or CUDA), else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if _cpu_has_fast_bf16() else "fp32"
+
+
+def to_input_tensor(image: np.ndarray, config: PreprocessConfig) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> normalised float32 (3, h, w) at the aligned input size."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+    height, width = config.input_size(image.shape[:2])
+    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float() / 255.0
+    if (height, width) != image.shape[:2]:
+        x = F.interpolate(
+            x, size=(height, width), mode=config.interpolation, antialias=config.antialias
+        ).clamp_(0.0, 1.0)
+    mean = torch.tensor(config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.std).view(1, 3, 1, 1)
+    return ((x - mean) / std)[0]
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """Everything that determines a feature value; features of different settings never mix."""
+
+    backbone: str
+    weights_sha256: str
+    precision: str
+    preprocess: PreprocessConfig
+
+    def to_dict(self) -> dict:
+        return {
+            "backbone": self.backbone,
+            "weights_sha256": self.weights_sha256,
+            "precision": self.precision,
+            "preprocess": self.preprocess.to_dict(),
+        }
+
+
+class PatchFeatureExtractor:
+    """Embeds RGB images into (gh, gw, C) float32 patch-feature grids.
+
+    Images of equal input size are batched together (``batch_size``); bf16 runs under autocast
+    and the features are returned in float32.
+    """
+
+    def __init__(
+        self,
+        backbone: LoadedBackbone,
+        *,
+        resolution: int = 448,
+        precision: Precision = "auto",
+        device: str = "auto",
+        batch_size: int = 8,
+    ) -> None:
+        self.backbone = backbone
+        self.device = select_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.preprocess = backbone.preprocess(resolution)
+        self.batch_size = max(1, int(batch_size))
+        self.module = backbone.module.to(self.device)
+
+    @property
+    def settings(self) -> FeatureSettings:
+        return FeatureSettings(
+            backbone=self.backbone.identity.name,
+            weights_sha256=self.backbone.identity.weights_sha256,
+            precision=self.precision,
+            preprocess=self.preprocess,
+        )
+
+    @property
+    def feature_dim(self) -> int:
+        return self.backbone.spec.feature_dim
+
+    @torch.inference_mode()
+    def _run(self, batch: torch.Tensor) -> np.ndarray:
+        batch = batch.to(self.device, non_blocking=True)
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                out = self.module(batch)
+        else:
+            out = self.module(batch)
+        return out.float().cpu().numpy()
+
+    def embed(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Patch-feature grids (gh, gw, C) float32 for RGB uint8 images, in input order."""
+        tensors = [to_input_tensor(img, self.preprocess) for img in images]
+        by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, t in enumerate(tensors):
+            by_size[tuple(t.shape)].append(i)
+        out: list[np.ndarray | None] = [None] * len(tensors)
+        for indices in by_size.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                grids = self._run(torch.stack([tensors[i] for i in chunk]))
+                for i, grid in zip(chunk, grids, strict=True):
+                    out[i] = np.ascontiguousarray(grid)
+        return out  # type: ignore[return-value]
+
+    def embed_one(self, image: np.ndarray) -> np.ndarray:
+        return self.embed([image])[0]

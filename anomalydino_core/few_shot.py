@@ -1,0 +1,128 @@
+"""Few-shot AnomalyDINO: a memory bank of reference patches, image scores and anomaly maps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from .masking import MaskingDecision, foreground_mask, masking_test
+from .memory_bank import IndexKind, PatchIndex
+from .scoring import MAP_SIGMA, anomaly_map, image_score
+
+MaskingMode = Literal["auto", "on", "off"]
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """The outcome of scoring one image."""
+
+    score: float
+    patch_distances: np.ndarray  # (gh, gw) float32, masked patches 0
+    anomaly_map: np.ndarray | None  # (H, W) float32 at the original image size
+    foreground: np.ndarray | None  # (gh, gw) bool, None when masking is off
+    max_patch: tuple[int, int]  # (row, col) of the most anomalous patch
+
+    @property
+    def masked_fraction(self) -> float:
+        """Fraction of patches masked out as background."""
+        return 0.0 if self.foreground is None else float(1.0 - self.foreground.mean())
+
+
+def decide_masking(
+    mode: MaskingMode, first_reference: np.ndarray, *, threshold: float
+) -> MaskingDecision:
+    """Resolve ``masking: auto|on|off`` with the masking test on the first reference grid."""
+    mask = foreground_mask(first_reference, threshold=threshold)
+    decision = masking_test(mask)
+    if mode == "auto":
+        return decision
+    if mode not in ("on", "off"):
+        raise ValueError(f"masking must be auto, on or off, not {mode!r}")
+    use = mode == "on"
+    return MaskingDecision(
+        use_mask=use,
+        reason=f"masking forced {mode} by config (test said: {decision.reason})",
+        foreground_fraction=decision.foreground_fraction,
+        centre_fraction=decision.centre_fraction,
+        border_fraction=decision.border_fraction,
+        largest_component_share=decision.largest_component_share,
+        n_components=decision.n_components,
+    )
+
+
+class FewShotScorer:
+    """Nearest-neighbour patch scoring against a bank of reference patches (METHOD.md s. 3).
+
+    ``fit`` takes the reference grids (all views, e.g. rotations) and optional per-grid
+    foreground masks (to mask the references too); ``score`` takes one test grid.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_score_method: str = "top1p_mean",
+        sigma: float = MAP_SIGMA,
+        index_kind: IndexKind = "exact",
+        use_gpu: bool | None = None,
+    ) -> None:
+        self.image_score_method = image_score_method
+        self.sigma = sigma
+        self.index = PatchIndex(index_kind, use_gpu=use_gpu)
+
+    @property
+    def bank_size(self) -> int:
+        return self.index.size
+
+    def fit(
+        self,
+        reference_grids: Sequence[np.ndarray],
+        reference_masks: Sequence[np.ndarray | None] | None = None,
+    ) -> FewShotScorer:
+        if not reference_grids:
+            raise ValueError("few-shot scoring needs at least one reference image")
+        rows = []
+        for i, grid in enumerate(reference_grids):
+            flat = grid.reshape(-1, grid.shape[-1])
+            mask = None if reference_masks is None else reference_masks[i]
+            if mask is not None and mask.any():
+                flat = flat[mask.reshape(-1)]
+            rows.append(flat)
+        self.index.fit(np.concatenate(rows, axis=0))
+        return self
+
+    def score(
+        self,
+        grid: np.ndarray,
+        *,
+        image_size: tuple[int, int] | None = None,
+        foreground: np.ndarray | None = None,
+        with_map: bool = True,
+    ) -> ScoreResult:
+        """Score a (gh, gw, C) grid; masked-out patches get distance 0 and are not searched."""
+        grid_h, grid_w, dim = grid.shape
+        flat = grid.reshape(-1, dim)
+        distances = np.zeros(grid_h * grid_w, dtype=np.float32)
+        if foreground is None:
+            distances[:] = self.index.nearest_distance(flat)
+        else:
+            keep = np.asarray(foreground, dtype=bool).reshape(-1)
+            if keep.any():
+                distances[keep] = self.index.nearest_distance(flat[keep])
+        patch = distances.reshape(grid_h, grid_w)
+        amap = None
+        if with_map or self.image_score_method == "max_map":
+            if image_size is None:
+                raise ValueError("image_size is needed to build the anomaly map")
+            amap = anomaly_map(patch, image_size, sigma=self.sigma)
+        score = image_score(distances, self.image_score_method, amap=amap)
+        row, col = divmod(int(np.argmax(distances)), grid_w)
+        return ScoreResult(
+            score=score,
+            patch_distances=patch,
+            anomaly_map=amap,
+            foreground=None if foreground is None else np.asarray(foreground, dtype=bool),
+            max_patch=(row, col),
+        )

@@ -1,0 +1,167 @@
+"""A small serialisable faiss index of reference patches (fit / search / save / load)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import faiss
+import numpy as np
+
+IndexKind = Literal["exact", "hnsw", "ivf"]
+_FORMAT = "anomalydino.patch_index/1"
+
+
+def _as_unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1]))
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.maximum(norms, 1e-12, out=norms)
+    return np.ascontiguousarray(x / norms)
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    distances: np.ndarray  # (n, k) float32 cosine distances, ascending
+    indices: np.ndarray  # (n, k) int64 bank rows
+
+
+class PatchIndex:
+    """Nearest reference patch by cosine distance (inner product of L2-normalised vectors).
+
+    ``kind="exact"`` (default) is a flat index; ``hnsw`` / ``ivf`` are approximate options for
+    full-shot banks of millions of patches. A GPU copy is used when faiss has GPU support and a
+    GPU is present (``use_gpu=None``).
+    """
+
+    def __init__(
+        self,
+        kind: IndexKind = "exact",
+        *,
+        use_gpu: bool | None = None,
+        hnsw_m: int = 32,
+        ivf_lists: int | None = None,
+        nprobe: int = 16,
+    ) -> None:
+        if kind not in ("exact", "hnsw", "ivf"):
+            raise ValueError(f"unknown index kind {kind!r}; choose exact, hnsw or ivf")
+        self.kind = kind
+        self.use_gpu = gpu_available() if use_gpu is None else use_gpu
+        self.hnsw_m = hnsw_m
+        self.ivf_lists = ivf_lists
+        self.nprobe = nprobe
+        self._index: faiss.Index | None = None
+        self._search_index: faiss.Index | None = None
+
+    @property
+    def size(self) -> int:
+        return 0 if self._index is None else int(self._index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        if self._index is None:
+            raise RuntimeError("index is empty: call fit() first")
+        return int(self._index.d)
+
+    def fit(self, features: np.ndarray) -> PatchIndex:
+        """Index (n, C) patch features (any leading shape; the last axis is the feature)."""
+        x = _as_unit_rows(features)
+        if x.shape[0] == 0:
+            raise ValueError("cannot build a memory bank from zero patches")
+        dim = x.shape[1]
+        if self.kind == "exact":
+            index = faiss.IndexFlatIP(dim)
+        elif self.kind == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efSearch = max(64, self.nprobe * 4)
+        else:
+            lists = self.ivf_lists or max(1, int(4 * np.sqrt(x.shape[0])))
+            index = faiss.IndexIVFFlat(
+                faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT
+            )
+            index.train(x)
+            index.nprobe = self.nprobe
+        index.add(x)
+        self._set(index)
+        return self
+
+    def _set(self, index: faiss.Index) -> None:
+        self._index = index
+        self._search_index = index
+        if self.use_gpu and self.kind != "hnsw" and gpu_available():
+            self._gpu_res = faiss.StandardGpuResources()
+            self._search_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+
+    def search(self, queries: np.ndarray, k: int = 1) -> SearchResult:
+        """k nearest bank patches of each query row, as cosine distances 1 - cos."""
+        if self._search_index is None:
+            raise RuntimeError("index is empty: call fit() first")
+        q = _as_unit_rows(queries)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query dim {q.shape[1]} != bank dim {self.dim}")
+        sims, idx = self._search_index.search(q, k)
+        dist = np.clip(1.0 - sims, 0.0, 2.0).astype(np.float32)
+        return SearchResult(distances=dist, indices=idx.astype(np.int64))
+
+    def nearest_distance(self, queries: np.ndarray) -> np.ndarray:
+        """Cosine distance of each query row to its nearest bank patch, (n,) float32."""
+        return self.search(queries, 1).distances[:, 0]
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path`` (faiss bytes, no pickle) and ``path.json`` (metadata) atomically."""
+        if self._index is None:
+            raise RuntimeError("nothing to save: call fit() first")
+        path = Path(path)
+        raw = faiss.serialize_index(self._index)
+        tmp = path.with_name(path.name + ".tmp")
+        raw.tofile(tmp)
+        meta = {
+            "format": _FORMAT,
+            "kind": self.kind,
+            "size": self.size,
+            "dim": self.dim,
+            "nprobe": self.nprobe,
+        }
+        tmp_meta = path.with_name(path.name + ".json.tmp")
+        tmp_meta.write_text(json.dumps(meta))
+        tmp.replace(path)
+        tmp_meta.replace(path.with_name(path.name + ".json"))
+
+    def to_bytes(self) -> bytes:
+        if self._index is None:
+            raise RuntimeError("nothing to serialise: call fit() first")
+        return faiss.serialize_index(self._index).tobytes()
+
+    @classmethod
+    def from_bytes(
+        cls,
+        data: bytes,
+        kind: IndexKind = "exact",
+        *,
+        use_gpu: bool | None = None,
+        nprobe: int = 16,
+    ) -> PatchIndex:
+        obj = cls(kind, use_gpu=use_gpu, nprobe=nprobe)
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        if kind == "ivf":
+            index.nprobe = nprobe
+        obj._set(index)
+        return obj
+
+    @classmethod
+    def load(cls, path: str | Path, *, use_gpu: bool | None = None) -> PatchIndex:
+        path = Path(path)
+        meta = json.loads(path.with_name(path.name + ".json").read_text())
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{path}: not a patch index (format {meta.get('format')!r})")
+        obj = cls.from_bytes(
+            path.read_bytes(), meta["kind"], use_gpu=use_gpu, nprobe=meta.get("nprobe", 16)
+        )
+        if obj.size != meta["size"] or obj.dim != meta["dim"]:
+            raise ValueError(f"{path}: index does not match its metadata (truncated file?)")
+        return obj

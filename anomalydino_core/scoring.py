@@ -1,0 +1,67 @@
+"""Image scores and anomaly maps from patch distances (METHOD.md section 3)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import cv2
+import numpy as np
+
+ImageScoreMethod = Literal["top1p_mean", "max", "max_map"]
+IMAGE_SCORE_METHODS: tuple[str, ...] = ("top1p_mean", "max", "max_map")
+
+#: Gaussian sigma (pixels at the original resolution) applied to anomaly maps.
+MAP_SIGMA = 4.0
+
+
+def top1p_mean(patch_distances: np.ndarray) -> float:
+    """Mean of the top floor(1%) of the distances; the max when fewer than 100 patches.
+
+    Masked patches are expected to be present with distance 0 (they count in n).
+    """
+    d = np.asarray(patch_distances, dtype=np.float64).ravel()
+    if d.size == 0:
+        raise ValueError("no patch distances to score")
+    k = d.size // 100
+    if k == 0:
+        return float(d.max())
+    return float(np.partition(d, d.size - k)[d.size - k :].mean())
+
+
+def anomaly_map(
+    distance_grid: np.ndarray, image_size: tuple[int, int], *, sigma: float = MAP_SIGMA
+) -> np.ndarray:
+    """Bilinear upsampling of a (gh, gw) distance grid to ``image_size`` = (H, W), then Gaussian.
+
+    The grid is treated as covering the whole image (aligned grid: patch centres at
+    ((i + 0.5) * H / gh)), which is what OpenCV's INTER_LINEAR does.
+    """
+    grid = np.asarray(distance_grid, dtype=np.float32)
+    if grid.ndim != 2:
+        raise ValueError(f"distance grid must be 2-D, got shape {grid.shape}")
+    height, width = int(image_size[0]), int(image_size[1])
+    upsampled = cv2.resize(grid, (width, height), interpolation=cv2.INTER_LINEAR)
+    if sigma > 0:
+        ksize = 2 * int(4.0 * sigma + 0.5) + 1
+        upsampled = cv2.GaussianBlur(
+            upsampled, (ksize, ksize), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT
+        )
+    return upsampled.astype(np.float32, copy=False)
+
+
+def image_score(
+    patch_distances: np.ndarray,
+    method: str = "top1p_mean",
+    *,
+    amap: np.ndarray | None = None,
+) -> float:
+    """Image-level anomaly score from the patch distances (or the smoothed map for ``max_map``)."""
+    if method == "top1p_mean":
+        return top1p_mean(patch_distances)
+    if method == "max":
+        return float(np.max(patch_distances))
+    if method == "max_map":
+        if amap is None:
+            raise ValueError("image score 'max_map' needs the anomaly map")
+        return float(np.max(amap))
+    raise ValueError(f"unknown image score method {method!r}; choose one of {IMAGE_SCORE_METHODS}")
