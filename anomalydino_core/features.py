@@ -34,10 +34,15 @@ def _cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_precision(precision: Precision, device: torch.device) -> Literal["fp32", "bf16"]:
-    """``auto``: bf16 where the hardware runs it natively (AMX / AVX512-BF16, or CUDA), else fp32."""
+def resolve_precision(
+    precision: Precision, device: torch.device, *, prefer_bf16: bool = True
+) -> Literal["fp32", "bf16"]:
+    """``auto``: bf16 where the hardware runs it natively (AMX / AVX512-BF16, or CUDA) and the
+    backbone profits from it (``prefer_bf16``), else fp32."""
     if precision != "auto":
         return precision
+    if not prefer_bf16:
+        return "fp32"
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if _cpu_has_fast_bf16() else "fp32"
@@ -94,10 +99,15 @@ class PatchFeatureExtractor:
     ) -> None:
         self.backbone = backbone
         self.device = select_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(
+            precision, self.device, prefer_bf16=backbone.spec.auto_bf16
+        )
         self.preprocess = backbone.preprocess(resolution)
         self.batch_size = max(1, int(batch_size))
+        self.channels_last = backbone.spec.channels_last
         self.module = backbone.module.to(self.device)
+        if self.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
 
     @property
     def settings(self) -> FeatureSettings:
@@ -115,6 +125,8 @@ class PatchFeatureExtractor:
     @torch.inference_mode()
     def _run(self, batch: torch.Tensor) -> np.ndarray:
         batch = batch.to(self.device, non_blocking=True)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         if self.precision == "bf16":
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 out = self.module(batch)

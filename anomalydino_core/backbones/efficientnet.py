@@ -50,11 +50,18 @@ class EfficientNetPatchEncoder(torch.nn.Module):
         self.net.load_state_dict({k: mapped[k] for k in own}, strict=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s8, s16 = self.net(x)
-        s8 = F.avg_pool2d(s8, 3, stride=1, padding=1, count_include_pad=False)
-        s16 = F.avg_pool2d(s16, 3, stride=1, padding=1, count_include_pad=False)
-        s8 = F.normalize(F.avg_pool2d(s8.float(), 2), dim=1)
-        s16 = F.normalize(s16.float(), dim=1)
+        net = self.net
+        # The stem and the first two stages stay in fp32 even under bf16 autocast: they see the
+        # raw pixels, and bf16 there costs more accuracy (cos 0.991 vs fp32) than it saves time.
+        with torch.autocast(x.device.type, enabled=False):
+            y = net.bn1(net.conv_stem(x.float()))
+            y = net.blocks[1](net.blocks[0](y))
+        s8 = net.blocks[2](y)
+        s16 = net.blocks[4](net.blocks[3](s8))
+        s8 = F.avg_pool2d(s8.float(), 3, stride=1, padding=1, count_include_pad=False)
+        s16 = F.avg_pool2d(s16.float(), 3, stride=1, padding=1, count_include_pad=False)
+        s8 = F.normalize(F.avg_pool2d(s8, 2), dim=1)
+        s16 = F.normalize(s16, dim=1)
         return torch.cat([s8, s16], dim=1).permute(0, 2, 3, 1)
 
 
@@ -74,5 +81,7 @@ register_backbone(
             package_file=_package_weights_file,
         ),
         mask_threshold=0.0,
+        channels_last=True,
+        auto_bf16=False,
     )
 )

@@ -82,6 +82,8 @@ class BackboneSpec:
     std: tuple[float, float, float]
     weights: WeightsSpec = field(default_factory=WeightsSpec)
     mask_threshold: float = 10.0  # PCA foreground threshold (METHOD.md section 2)
+    channels_last: bool = False  # convolutional nets run faster in NHWC on CPU
+    auto_bf16: bool = True  # precision="auto" picks bf16 where the hardware has it
 
     def preprocess(self, resolution: int) -> PreprocessConfig:
         return PreprocessConfig(

@@ -1,0 +1,290 @@
+"""Zarr v3 store of patch embeddings for one (product, backbone identity, preprocessing config).
+
+Layout at the store URI::
+
+    zarr.json                 attributes {"anomalydino": {"kind", "format_version", "settings"}}
+    images/zarr.json
+    images/<sha256(image_id)>/zarr.json    image_id, source_uri, content_sha256, image_size,
+                                           grid, feature_dim, has_mask, complete
+    images/<key>/features     (gh, gw, C) float16, one chunk, blosc-zstd with byte shuffle
+    images/<key>/mask         (gh, gw) bool, one chunk (absent when the image has no mask)
+
+``settings`` (backbone, weights hash, resolution, ...) is fixed when the store is created;
+opening it with other settings raises :class:`StoreSettingsError`, so embeddings of different
+models or preprocessing never mix. An image is visible only once ``complete: true`` is written to
+its group, which happens last (one atomic object write); a run killed halfway leaves an
+incomplete group that readers ignore and the next ``put`` overwrites.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+from zarr.errors import ContainsGroupError, GroupNotFoundError, NodeNotFoundError
+
+from tasks.storage import StorageConfig, zarr_store
+
+FORMAT_VERSION = 1
+EMBEDDING_STORE_KIND = "embedding_store"
+_META = "anomalydino"
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+NOT_FOUND_ERRORS = (GroupNotFoundError, NodeNotFoundError, FileNotFoundError, KeyError)
+
+
+class StoreSettingsError(ValueError):
+    """A store was opened with settings (or of a kind) other than it was created with."""
+
+
+def image_key(image_id: str) -> str:
+    """Safe, fixed-length node name for an image id (sha256 hex of its UTF-8 bytes)."""
+    return hashlib.sha256(image_id.encode("utf-8")).hexdigest()
+
+
+def feature_compressor() -> BloscCodec:
+    """Blosc-zstd with byte shuffle: works well on float16 feature grids."""
+    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+
+
+def normalize_settings(settings: Mapping[str, Any], what: str = "settings") -> dict[str, Any]:
+    """``settings`` as stored in zarr attributes (JSON round trip: tuples become lists)."""
+    try:
+        return json.loads(json.dumps(dict(settings), sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} must be JSON-serialisable: {exc}") from exc
+
+
+def _diff(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> str:
+    keys = sorted(set(stored) | set(wanted))
+    parts = [
+        f"{k}: stored {stored.get(k, '<missing>')!r} != requested {wanted.get(k, '<missing>')!r}"
+        for k in keys
+        if stored.get(k, "<missing>") != wanted.get(k, "<missing>")
+    ]
+    return "; ".join(parts)
+
+
+def open_root(
+    uri: str,
+    kind: str,
+    settings: Mapping[str, Any] | None,
+    storage: StorageConfig | None,
+    *,
+    create: bool,
+    read_only: bool,
+    children: tuple[str, ...],
+) -> tuple[Any, dict[str, Any]]:
+    """Open (or create) the root group of an anomalydino zarr store and check its settings.
+
+    Returns ``(zarr store, stored settings)``. ``settings=None`` accepts whatever is stored (and
+    cannot create).
+    """
+    wanted = normalize_settings(settings) if settings is not None else None
+    store = zarr_store(uri, storage, read_only=read_only)
+    try:
+        root = zarr.open_group(store, mode="r")
+    except NOT_FOUND_ERRORS:
+        root = None
+    if root is None:
+        if not create or read_only or wanted is None:
+            raise FileNotFoundError(f"{uri}: no {kind} here (and not asked to create one)")
+        # The root metadata (kind + settings) is one object, written first and whole. Children
+        # are conveniences: writes under them create missing parents, readers treat missing
+        # children as empty.
+        meta = {"kind": kind, "format_version": FORMAT_VERSION, "settings": wanted}
+        with contextlib.suppress(ContainsGroupError):  # created concurrently: validated below
+            zarr.create_group(store, attributes={_META: meta})
+        for child in children:
+            with contextlib.suppress(ContainsGroupError):
+                zarr.create_group(store, path=child)
+        root = zarr.open_group(store, mode="r")
+    meta = root.attrs.get(_META)
+    if not isinstance(meta, dict) or meta.get("kind") != kind:
+        found = meta.get("kind") if isinstance(meta, dict) else "no anomalydino metadata"
+        raise StoreSettingsError(f"{uri}: not an anomalydino {kind} (found {found!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise StoreSettingsError(
+            f"{uri}: {kind} format version {meta.get('format_version')!r}, "
+            f"this code reads version {FORMAT_VERSION}"
+        )
+    stored = meta.get("settings") or {}
+    if wanted is not None and stored != wanted:
+        raise StoreSettingsError(
+            f"{uri}: {kind} was created with other settings; refusing to mix. "
+            f"{_diff(stored, wanted)}"
+        )
+    return store, stored
+
+
+@dataclass(frozen=True, eq=False)
+class EmbeddedImage:
+    """Patch features of one image. ``features`` (gh, gw, C); ``mask`` (gh, gw) bool or None."""
+
+    image_id: str
+    source_uri: str
+    content_sha256: str
+    image_size: tuple[int, int]
+    features: np.ndarray
+    mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        who = f"image {self.image_id!r}"
+        if not self.image_id:
+            raise ValueError("image_id must be a non-empty string")
+        if not _SHA_RE.match(self.content_sha256):
+            raise ValueError(f"{who}: content_sha256 must be 64 lowercase hex characters")
+        size = tuple(int(v) for v in self.image_size)
+        if len(size) != 2 or min(size) <= 0:
+            raise ValueError(f"{who}: image_size must be (H, W) > 0, got {self.image_size!r}")
+        object.__setattr__(self, "image_size", size)
+        if self.features.ndim != 3 or 0 in self.features.shape:
+            raise ValueError(f"{who}: features must be (gh, gw, C), got {self.features.shape}")
+        if self.mask is not None:
+            if self.mask.shape != self.features.shape[:2]:
+                raise ValueError(
+                    f"{who}: mask shape {self.mask.shape} != grid {self.features.shape[:2]}"
+                )
+            if self.mask.dtype != np.bool_:
+                raise ValueError(f"{who}: mask must be bool, got {self.mask.dtype}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return int(self.features.shape[0]), int(self.features.shape[1])
+
+
+class EmbeddingStore:
+    """Embeddings of one (product, backbone, preprocessing) at a URI; see module docstring."""
+
+    def __init__(self, uri: str, store: Any, settings: dict[str, Any], read_only: bool) -> None:
+        self.uri = uri
+        self._store = store
+        self.settings = settings
+        self.read_only = read_only
+
+    def __repr__(self) -> str:
+        return f"EmbeddingStore({self.uri!r}, read_only={self.read_only})"
+
+    @classmethod
+    def open(
+        cls,
+        uri: str,
+        settings: Mapping[str, Any] | None,
+        storage: StorageConfig | None = None,
+        create: bool = True,
+        read_only: bool = False,
+    ) -> EmbeddingStore:
+        """Open the store at ``uri``, creating it with ``settings`` if missing and ``create``.
+
+        Raises :class:`StoreSettingsError` if it exists with other settings, and
+        ``FileNotFoundError`` if it is missing and cannot be created. ``settings=None`` opens an
+        existing store whatever its settings (for inspection).
+        """
+        store, stored = open_root(
+            uri,
+            EMBEDDING_STORE_KIND,
+            settings,
+            storage,
+            create=create,
+            read_only=read_only,
+            children=("images",),
+        )
+        return cls(uri, store, stored, read_only)
+
+    def _path(self, image_id: str) -> str:
+        return f"images/{image_key(image_id)}"
+
+    def _complete_attrs(self, image_id: str) -> dict[str, Any] | None:
+        try:
+            group = zarr.open_group(self._store, path=self._path(image_id), mode="r")
+        except NOT_FOUND_ERRORS:
+            return None
+        attrs = dict(group.attrs)
+        if attrs.get("complete") is not True or attrs.get("image_id") != image_id:
+            return None
+        return attrs
+
+    def has(self, image_id: str, content_sha256: str | None = None) -> bool:
+        """True if ``image_id`` is complete (and, if given, has this content hash)."""
+        attrs = self._complete_attrs(image_id)
+        if attrs is None:
+            return False
+        return content_sha256 is None or attrs.get("content_sha256") == content_sha256
+
+    def put(self, item: EmbeddedImage) -> None:
+        """Write ``item`` (features cast to float16), replacing any previous or partial entry.
+
+        The image becomes visible only when its ``complete`` flag is written, last.
+        """
+        if self.read_only:
+            raise PermissionError(f"{self.uri}: opened read-only, cannot put {item.image_id!r}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            feats = np.ascontiguousarray(item.features, dtype=np.float16)
+        if not np.isfinite(feats).all():
+            raise ValueError(
+                f"{self.uri}: image {item.image_id!r}: features not finite in float16 "
+                "(NaN/inf or |value| > 65504)"
+            )
+        gh, gw, dim = feats.shape
+        attrs: dict[str, Any] = {
+            "image_id": item.image_id,
+            "source_uri": item.source_uri,
+            "content_sha256": item.content_sha256,
+            "image_size": list(item.image_size),
+            "grid": [gh, gw],
+            "feature_dim": dim,
+            "has_mask": item.mask is not None,
+            "complete": False,
+        }
+        path = self._path(item.image_id)
+        try:
+            group = zarr.create_group(self._store, path=path, attributes=attrs, overwrite=True)
+            group.create_array(
+                "features", data=feats, chunks=feats.shape, compressors=feature_compressor()
+            )
+            if item.mask is not None:
+                mask = np.ascontiguousarray(item.mask, dtype=np.bool_)
+                group.create_array("mask", data=mask, chunks=mask.shape)
+            group.update_attributes({"complete": True})
+        except Exception as exc:
+            raise OSError(f"{self.uri}: writing image {item.image_id!r} failed: {exc}") from exc
+
+    def get(self, image_id: str) -> EmbeddedImage:
+        """The complete entry of ``image_id``; ``KeyError`` naming it if absent or incomplete."""
+        attrs = self._complete_attrs(image_id)
+        if attrs is None:
+            raise KeyError(f"{self.uri}: no complete embedding for image {image_id!r}")
+        group = zarr.open_group(self._store, path=self._path(image_id), mode="r")
+        features = np.asarray(group["features"][...])
+        mask = np.asarray(group["mask"][...], dtype=np.bool_) if attrs.get("has_mask") else None
+        return EmbeddedImage(
+            image_id=image_id,
+            source_uri=attrs["source_uri"],
+            content_sha256=attrs["content_sha256"],
+            image_size=tuple(attrs["image_size"]),
+            features=features,
+            mask=mask,
+        )
+
+    def ids(self) -> list[str]:
+        """Sorted ids of all complete images."""
+        try:
+            images = zarr.open_group(self._store, path="images", mode="r")
+        except NOT_FOUND_ERRORS:
+            return []
+        out = []
+        for _, group in images.groups():
+            attrs = group.attrs
+            if attrs.get("complete") is True and isinstance(attrs.get("image_id"), str):
+                out.append(attrs["image_id"])
+        return sorted(out)
+
+    def __len__(self) -> int:
+        return len(self.ids())

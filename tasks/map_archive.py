@@ -1,0 +1,191 @@
+"""Per-lot Zarr v3 archive of anomaly maps at original image resolution, and PNG overlays.
+
+Layout::
+
+    zarr.json             attributes {"anomalydino": {"kind", "format_version", "settings"}}
+    maps/zarr.json
+    maps/<sha256(image_id)>   (H, W) float16, one chunk, blosc-zstd; attributes image_id,
+                              source_uri, complete (+ caller extras)
+
+As in the embedding store, a map is visible only once ``complete: true`` is written to its
+array metadata (last); a partial write is ignored by readers and overwritten by the next ``put``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import cv2
+import numpy as np
+import zarr
+
+from tasks.embedding_store import NOT_FOUND_ERRORS, feature_compressor, image_key, open_root
+from tasks.storage import StorageConfig, atomic_write_bytes
+
+MAP_ARCHIVE_KIND = "anomaly_map_archive"
+_RESERVED = frozenset({"image_id", "source_uri", "complete"})
+
+
+class MapArchive:
+    """Anomaly maps of one lot at a URI (see module docstring)."""
+
+    def __init__(self, uri: str, store: Any, settings: dict[str, Any], read_only: bool) -> None:
+        self.uri = uri
+        self._store = store
+        self.settings = settings
+        self.read_only = read_only
+
+    def __repr__(self) -> str:
+        return f"MapArchive({self.uri!r}, read_only={self.read_only})"
+
+    @classmethod
+    def open(
+        cls,
+        uri: str,
+        settings: Mapping[str, Any] | None = None,
+        storage: StorageConfig | None = None,
+        create: bool = True,
+        read_only: bool = False,
+    ) -> MapArchive:
+        """Open (or create) the archive; ``settings`` (lot id, model, ...) must match if given.
+
+        Creating with ``settings=None`` stores ``{}``.
+        """
+        if settings is None and create and not read_only:
+            try:
+                return cls.open(uri, None, storage, create=False, read_only=False)
+            except FileNotFoundError:
+                settings = {}
+        store, stored = open_root(
+            uri,
+            MAP_ARCHIVE_KIND,
+            settings,
+            storage,
+            create=create,
+            read_only=read_only,
+            children=("maps",),
+        )
+        return cls(uri, store, stored, read_only)
+
+    def _path(self, image_id: str) -> str:
+        return f"maps/{image_key(image_id)}"
+
+    def _complete_array(self, image_id: str) -> Any | None:
+        try:
+            arr = zarr.open_array(self._store, path=self._path(image_id), mode="r")
+        except NOT_FOUND_ERRORS:
+            return None
+        attrs = arr.attrs
+        if attrs.get("complete") is not True or attrs.get("image_id") != image_id:
+            return None
+        return arr
+
+    def has(self, image_id: str) -> bool:
+        """True if a complete map of ``image_id`` is stored."""
+        return self._complete_array(image_id) is not None
+
+    def put(
+        self,
+        image_id: str,
+        amap: np.ndarray,
+        *,
+        source_uri: str | None = None,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Store ``amap`` (H, W) as float16, replacing any previous or partial map of the image."""
+        if self.read_only:
+            raise PermissionError(f"{self.uri}: opened read-only, cannot put {image_id!r}")
+        if amap.ndim != 2 or 0 in amap.shape:
+            raise ValueError(f"{self.uri}: map of {image_id!r} must be (H, W), got {amap.shape}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            data = np.ascontiguousarray(amap, dtype=np.float16)
+        if not np.isfinite(data).all():
+            raise ValueError(
+                f"{self.uri}: map of {image_id!r} not finite in float16 (NaN/inf or > 65504)"
+            )
+        extra = dict(attributes or {})
+        clash = _RESERVED & set(extra)
+        if clash:
+            raise ValueError(f"{self.uri}: map of {image_id!r}: reserved attributes {clash}")
+        attrs = {**extra, "image_id": image_id, "source_uri": source_uri, "complete": False}
+        try:
+            arr = zarr.create_array(
+                self._store,
+                name=self._path(image_id),
+                data=data,
+                chunks=data.shape,
+                compressors=feature_compressor(),
+                attributes=attrs,
+                overwrite=True,
+            )
+            arr.update_attributes({"complete": True})
+        except Exception as exc:
+            raise OSError(f"{self.uri}: writing map of {image_id!r} failed: {exc}") from exc
+
+    def get(self, image_id: str) -> np.ndarray:
+        """The float16 (H, W) map; ``KeyError`` naming the image if absent or incomplete."""
+        arr = self._complete_array(image_id)
+        if arr is None:
+            raise KeyError(f"{self.uri}: no complete anomaly map for image {image_id!r}")
+        return np.asarray(arr[...])
+
+    def attributes(self, image_id: str) -> dict[str, Any]:
+        """Stored attributes of a complete map (image_id, source_uri, caller extras)."""
+        arr = self._complete_array(image_id)
+        if arr is None:
+            raise KeyError(f"{self.uri}: no complete anomaly map for image {image_id!r}")
+        return dict(arr.attrs)
+
+    def ids(self) -> list[str]:
+        """Sorted ids of all complete maps."""
+        try:
+            maps = zarr.open_group(self._store, path="maps", mode="r")
+        except NOT_FOUND_ERRORS:
+            return []
+        out = []
+        for _, arr in maps.arrays():
+            attrs = arr.attrs
+            if attrs.get("complete") is True and isinstance(attrs.get("image_id"), str):
+                out.append(attrs["image_id"])
+        return sorted(out)
+
+    def __len__(self) -> int:
+        return len(self.ids())
+
+
+def render_overlay(
+    image_rgb: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5
+) -> np.ndarray:
+    """RGB uint8 blend of ``image_rgb`` and the JET colour map of ``amap`` in [vmin, vmax]."""
+    if image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image_rgb.shape} {image_rgb.dtype}")
+    if amap.shape != image_rgb.shape[:2]:
+        raise ValueError(f"map shape {amap.shape} != image shape {image_rgb.shape[:2]}")
+    if not vmax > vmin:
+        raise ValueError(f"need vmax > vmin, got vmin={vmin}, vmax={vmax}")
+    scaled = (np.nan_to_num(amap.astype(np.float32), nan=vmin) - vmin) / (vmax - vmin)
+    levels = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+    heat_bgr = cv2.applyColorMap(levels, cv2.COLORMAP_JET)
+    image_bgr = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR)
+    blended = cv2.addWeighted(image_bgr, 1.0 - alpha, heat_bgr, alpha, 0.0)
+    return cv2.cvtColor(blended, cv2.COLOR_BGR2RGB)
+
+
+def write_overlay_png(
+    uri: str,
+    image_rgb: np.ndarray,
+    amap: np.ndarray,
+    vmin: float,
+    vmax: float,
+    storage: StorageConfig | None = None,
+) -> None:
+    """Write the image + JET overlay (alpha 0.5) as a PNG to ``uri``, atomically."""
+    try:
+        rgb = render_overlay(image_rgb, amap, vmin, vmax)
+    except ValueError as exc:
+        raise ValueError(f"{uri}: cannot render overlay: {exc}") from exc
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"{uri}: PNG encoding failed")
+    atomic_write_bytes(uri, encoded.tobytes(), storage)

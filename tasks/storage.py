@@ -1,0 +1,208 @@
+"""A tiny URI layer over fsspec: local paths, ``file://`` and ``s3://`` (any fsspec scheme works
+with default options).
+
+Writes are atomic: readers see either nothing or the whole object. Locally a temp file in the
+same directory is renamed over the target; on S3 the bytes are complete in memory before the one
+PUT (or multipart upload, which only becomes visible on completion) to the final key.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+ENV_ENDPOINT = "AWS_ENDPOINT_URL"
+ENV_KEY = "AWS_ACCESS_KEY_ID"
+ENV_SECRET = "AWS_SECRET_ACCESS_KEY"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where and how to reach object storage. ``repr`` never shows the secret.
+
+    ``client_kwargs`` go to the botocore client (e.g. ``{"verify": False}``); ``endpoint_url``
+    is merged into them. Do not set ``region_name`` for local S3 servers: bucket creation fails.
+    Keep this out of flow parameters (those are stored by the Prefect server); build it from the
+    environment inside tasks instead.
+    """
+
+    endpoint_url: str | None = None
+    key: str | None = None
+    secret: str | None = field(default=None, repr=False)
+    anon: bool = False
+    client_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> StorageConfig:
+        """From ``AWS_ENDPOINT_URL``/``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``; explicit
+        ``overrides`` win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {
+            "endpoint_url": env.get(ENV_ENDPOINT) or None,
+            "key": env.get(ENV_KEY) or None,
+            "secret": env.get(ENV_SECRET) or None,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def s3_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``s3fs.S3FileSystem`` (no listings cache: others write too)."""
+        client = dict(self.client_kwargs)
+        if self.endpoint_url:
+            client["endpoint_url"] = self.endpoint_url
+        opts: dict[str, Any] = {"use_listings_cache": False, "client_kwargs": client}
+        if self.anon:
+            opts["anon"] = True
+        else:
+            if self.key is not None:
+                opts["key"] = self.key
+            if self.secret is not None:
+                opts["secret"] = self.secret
+        return opts
+
+
+def _resolve(storage: StorageConfig | None) -> StorageConfig:
+    return storage if storage is not None else StorageConfig.from_env()
+
+
+def scheme_of(uri: str) -> str:
+    """``"s3"``, ``"file"`` (also for plain paths), or another fsspec protocol."""
+    if "://" not in uri:
+        return "file"
+    return uri.split("://", 1)[0].lower()
+
+
+def is_local(uri: str) -> bool:
+    return scheme_of(uri) == "file"
+
+
+def local_path(uri: str) -> Path:
+    """Absolute local path of a plain path or ``file://`` URI."""
+    if not is_local(uri):
+        raise ValueError(f"{uri}: not a local path")
+    raw = uri[len("file://") :] if uri.startswith("file://") else uri
+    return Path(raw).expanduser().absolute()
+
+
+def filesystem(uri: str, storage: StorageConfig | None = None) -> tuple[AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri`` and the path inside it (``bucket/key`` for S3)."""
+    scheme = scheme_of(uri)
+    if scheme == "file":
+        return LocalFileSystem(), str(local_path(uri))
+    if scheme in ("s3", "s3a"):
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**_resolve(storage).s3_options())
+        return fs, uri.split("://", 1)[1].rstrip("/")
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def _uri_like(uri: str, path: str) -> str:
+    """Render filesystem ``path`` in the style of ``uri`` (plain path, or ``scheme://``)."""
+    if "://" not in uri:
+        return path
+    scheme = scheme_of(uri)
+    if scheme == "file":
+        return "file://" + path
+    return f"{scheme}://{path.lstrip('/')}" if scheme in ("s3", "s3a") else f"{scheme}://{path}"
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join ``parts`` onto ``uri`` with ``/``; parts may not escape with ``..``."""
+    out = uri.rstrip("/") if uri.rstrip("/") else uri
+    for part in parts:
+        clean = part.strip("/")
+        if not clean:
+            continue
+        if ".." in clean.split("/"):
+            raise ValueError(f"join({uri!r}, ...): part {part!r} contains '..'")
+        out = f"{out}/{clean}" if out else clean
+    return out
+
+
+def atomic_write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
+    """Write ``data`` to ``uri`` so that no reader ever sees a partial object."""
+    payload = bytes(data)
+    if is_local(uri):
+        target = local_path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return
+    fs, path = filesystem(uri, storage)
+    try:
+        fs.pipe_file(path, payload)
+    except Exception as exc:
+        raise OSError(f"{uri}: write of {len(payload)} bytes failed: {exc}") from exc
+
+
+def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+    """The whole object at ``uri``; ``FileNotFoundError`` naming it if absent."""
+    fs, path = filesystem(uri, storage)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{uri}: no such file or object") from exc
+    except IsADirectoryError as exc:
+        raise IsADirectoryError(f"{uri}: is a directory, not a file") from exc
+
+
+def exists(uri: str, storage: StorageConfig | None = None) -> bool:
+    """Whether a file/object (or a non-empty prefix) exists at ``uri``."""
+    fs, path = filesystem(uri, storage)
+    return bool(fs.exists(path))
+
+
+def list_files(
+    prefix: str,
+    suffixes: Iterable[str] | None = None,
+    storage: StorageConfig | None = None,
+) -> list[str]:
+    """Sorted URIs of all files below ``prefix`` (recursive) ending in one of ``suffixes``
+    (case-insensitive; all files when None). Hidden names (``.*``, e.g. temp files of unfinished
+    atomic writes) are skipped. A missing prefix gives an empty list."""
+    fs, path = filesystem(prefix, storage)
+    wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
+    try:
+        found = fs.find(path)
+    except FileNotFoundError:
+        return []
+    out = []
+    for item in found:
+        name = posixpath.basename(item)
+        if name.startswith("."):
+            continue
+        if wanted is not None and not name.lower().endswith(wanted):
+            continue
+        out.append(_uri_like(prefix, item))
+    return sorted(out)
+
+
+def zarr_store(uri: str, storage: StorageConfig | None = None, read_only: bool = False) -> Any:
+    """A zarr v3 store rooted at ``uri``: ``LocalStore`` locally, ``FsspecStore`` (async s3fs)
+    for S3 and other fsspec schemes."""
+    from zarr.storage import FsspecStore, LocalStore
+
+    if is_local(uri):
+        return LocalStore(local_path(uri), read_only=read_only)
+    options = _resolve(storage).s3_options() if scheme_of(uri) in ("s3", "s3a") else {}
+    return FsspecStore.from_url(uri, storage_options=options, read_only=read_only)

@@ -1,0 +1,104 @@
+"""The evaluate command on the real MVTec bottle images (1-shot, one seed), and bad files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from anomalydino_core.config import ModelSettings
+from anomalydino_core.evaluation import EvaluationRequest, parse_shots, run_evaluation
+
+pytestmark = pytest.mark.slow
+
+
+def test_parse_shots():
+    assert parse_shots("1,2,4|full") == (1, 2, 4, None)
+    assert parse_shots("0") == (0,)
+    with pytest.raises(ValueError, match="bad shots"):
+        parse_shots("one")
+
+
+def test_one_shot_bottle_meets_the_bars(mvtec_root):
+    request = EvaluationRequest(
+        data=mvtec_root,
+        category="bottle",
+        shots=(1,),
+        seeds=(0,),
+        model=ModelSettings(backbone="efficientnet_lite0"),
+    )
+    df = run_evaluation(request, log=lambda _: None)
+    row = df.iloc[0]
+    assert row["n_test_images"] == 83 and row["bank_patches"] == 8 * 28 * 28
+    assert row["image_auroc"] >= 0.998, row["image_auroc"]
+    assert row["pixel_aupro"] >= 0.960, row["pixel_aupro"]
+    assert row["backbone"] == "efficientnet_lite0" and len(row["weights_sha256"]) == 64
+
+
+def _small_category(mvtec_root: Path, dst: Path) -> Path:
+    src = mvtec_root / "bottle"
+    cat = dst / "bottle"
+    (cat / "train" / "good").mkdir(parents=True)
+    for p in sorted((src / "train" / "good").glob("*.png"))[:2]:
+        os.symlink(p, cat / "train" / "good" / p.name)
+    for kind, n in (("good", 3), ("broken_large", 3)):
+        (cat / "test" / kind).mkdir(parents=True)
+        for p in sorted((src / "test" / kind).glob("*.png"))[:n]:
+            os.symlink(p, cat / "test" / kind / p.name)
+    shutil.copytree(
+        src / "ground_truth" / "broken_large", cat / "ground_truth" / "broken_large", symlinks=True
+    )
+    (cat / "test" / "broken_large" / "900.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (cat / "test" / "good" / "notes.txt").write_text("not an image")
+    (cat / "test" / "good" / "empty.png").write_bytes(b"")
+    return dst
+
+
+def test_cli_reports_bad_files_by_name_and_goes_on(mvtec_root, tmp_path):
+    data = _small_category(mvtec_root, tmp_path / "data")
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "evaluate",
+        "--data",
+        str(data),
+        "--category",
+        "bottle",
+        "--shots",
+        "1",
+        "--seeds",
+        "0,1",
+        "--backbone",
+        "efficientnet_lite0",
+        "--resolution",
+        "224",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert proc.returncode == 0, proc.stderr
+    for name in ("900.png", "notes.txt", "empty.png"):
+        assert name in proc.stderr
+    df = pd.read_parquet(out / "metrics.parquet")
+    assert list(df["seed"]) == [0, 1] and (df["n_test_images"] == 6).all()
+    assert (df["n_unreadable"] == 3).all()
+    for col in (
+        "image_auroc",
+        "pixel_aupro",
+        "embed_ms_per_image",
+        "score_ms_per_image",
+        "weights_sha256",
+        "resolution",
+        "preprocess",
+    ):
+        assert df[col].notna().all(), col
+    md = (out / "metrics.md").read_text()
+    assert "| 1 | 2 |" in md and "image_auroc" in md
+    assert "image_auroc" in proc.stdout

@@ -1,0 +1,118 @@
+"""Image decoding, aligned preprocessing, batching and bf16 vs fp32 features."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomalydino_core.backbones import get_backbone_spec, load_backbone
+from anomalydino_core.features import PatchFeatureExtractor, to_input_tensor
+from anomalydino_core.images import ImageDecodeError, decode_image, read_image
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_decodes_every_mode_to_rgb_uint8():
+    rng = np.random.default_rng(0)
+    gray = Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8), "L")
+    rgba = Image.fromarray(rng.integers(0, 255, (20, 30, 4), dtype=np.uint8), "RGBA")
+    g16_arr = (np.arange(600, dtype=np.uint16).reshape(20, 30) * 100).astype(np.uint16)
+    g16 = Image.fromarray(g16_arr)
+    pal = gray.convert("P")
+    for img in (gray, rgba, g16, pal):
+        out = decode_image(_png(img), "x.png")
+        assert out.dtype == np.uint8 and out.shape == (20, 30, 3)
+    out16 = decode_image(_png(g16), "g16.png")
+    # 16-bit is scaled by its full range, not clipped at 255
+    expected = np.rint(g16_arr / 65535.0 * 255).astype(np.uint8)
+    assert np.array_equal(out16[..., 0], expected)
+    assert len(np.unique(out16)) > 50
+    out_rgba = decode_image(_png(rgba), "a.png")
+    a = np.asarray(rgba).astype(np.float64)
+    comp = np.rint(a[..., :3] * a[..., 3:] / 255.0)
+    assert np.abs(out_rgba.astype(int) - comp).max() <= 1
+
+
+def test_bad_inputs_name_the_item(tmp_path):
+    with pytest.raises(ImageDecodeError, match="empty.png: empty file"):
+        decode_image(b"", "empty.png")
+    with pytest.raises(ImageDecodeError, match="notes.txt: not a recognised image"):
+        decode_image(b"hello, not an image", "notes.txt")
+    good = _png(Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 7))
+    with pytest.raises(ImageDecodeError, match="cut.png"):
+        decode_image(good[: len(good) // 2], "cut.png")
+    with pytest.raises(ImageDecodeError, match="missing.png"):
+        read_image(tmp_path / "missing.png")
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "expected"),
+    [
+        ("dinov2_vits14", (900, 900), (448, 448)),
+        ("dinov2_vits14", (600, 800), (448, 602)),  # 597.3 -> nearest multiple of 14
+        ("dinov2_vits14", (1000, 500), (896, 448)),
+        ("efficientnet_lite0", (600, 800), (448, 608)),
+        ("dinov2_vits14", (10, 3000), (448, 134400)),
+    ],
+)
+def test_input_size_keeps_the_whole_image_on_an_aligned_grid(name, size, expected):
+    cfg = get_backbone_spec(name).preprocess(448)
+    assert cfg.input_size(size) == expected
+    h, w = expected
+    assert h % cfg.patch_size == 0 and w % cfg.patch_size == 0
+
+
+def test_resolution_must_fit_the_patch_size():
+    with pytest.raises(ValueError, match="multiple of 14"):
+        get_backbone_spec("dinov2_vits14").preprocess(450)
+
+
+def test_input_tensor_is_normalised_whole_image():
+    cfg = get_backbone_spec("dinov2_vits14").preprocess(448)
+    img = np.zeros((300, 400, 3), np.uint8)
+    img[:, 390:] = 255  # a stripe at the right edge must survive (no content cut)
+    x = to_input_tensor(img, cfg)
+    assert x.shape == (3, 448, 602)
+    right = x[:, :, -4:].mean().item()
+    assert right > 1.0  # white after ImageNet normalisation
+
+
+def test_batching_matches_one_by_one():
+    b = load_backbone("dinov2_vits14", weights="random")
+    ex = PatchFeatureExtractor(b, resolution=224, precision="fp32", batch_size=3)
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 255, (120, 160, 3), dtype=np.uint8) for _ in range(4)]
+    imgs.append(rng.integers(0, 255, (200, 100, 3), dtype=np.uint8))  # other size, own batch
+    batched = ex.embed(imgs)
+    single = [ex.embed_one(i) for i in imgs]
+    assert batched[4].shape == (32, 16, 384)
+    for a, s in zip(batched, single, strict=True):
+        assert np.allclose(a, s, atol=1e-4)
+
+
+def test_bf16_features_match_fp32_on_real_images(mvtec_root, effnet):
+    paths = sorted((mvtec_root / "bottle" / "test" / "broken_large").glob("*.png"))[:4]
+    imgs = [read_image(p) for p in paths]
+    f32 = PatchFeatureExtractor(effnet, precision="fp32").embed(imgs)
+    b16 = PatchFeatureExtractor(effnet, precision="bf16").embed(imgs)
+    for a, b in zip(f32, b16, strict=True):
+        a2, b2 = torch.from_numpy(a.reshape(-1, 152)), torch.from_numpy(b.reshape(-1, 152))
+        cos = torch.nn.functional.cosine_similarity(a2, b2, dim=-1)
+        assert cos.min().item() >= 0.999, cos.min().item()
+
+
+def test_settings_record_identity_and_preprocessing(effnet):
+    ex = PatchFeatureExtractor(effnet, resolution=672, precision="fp32")
+    s = ex.settings.to_dict()
+    assert s["backbone"] == "efficientnet_lite0"
+    assert s["weights_sha256"] == effnet.identity.weights_sha256
+    assert s["preprocess"]["resolution"] == 672 and s["preprocess"]["patch_size"] == 16
+    assert s["precision"] == "fp32"

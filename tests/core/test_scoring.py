@@ -1,0 +1,149 @@
+"""Image scores, anomaly maps, masking, the memory bank and few-shot scoring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from anomalydino_core.augment import AGNOSTIC_ANGLES, reference_views, rotate_image
+from anomalydino_core.few_shot import FewShotScorer, decide_masking
+from anomalydino_core.masking import first_principal_component, foreground_mask, masking_test
+from anomalydino_core.memory_bank import PatchIndex
+from anomalydino_core.scoring import anomaly_map, image_score, top1p_mean
+
+
+def test_top1p_mean_rules():
+    d = np.arange(1000, dtype=float)
+    assert top1p_mean(d) == pytest.approx(np.mean(np.arange(990, 1000)))
+    d = np.arange(250, dtype=float)  # floor(2.5) = 2
+    assert top1p_mean(d) == pytest.approx((249 + 248) / 2)
+    assert top1p_mean(np.array([0.1, 0.7, 0.3])) == pytest.approx(0.7)  # n < 100: max
+    with pytest.raises(ValueError):
+        top1p_mean(np.array([]))
+
+
+def test_image_score_options():
+    d = np.zeros(400)
+    d[7] = 1.0
+    grid = d.reshape(20, 20)
+    amap = anomaly_map(grid, (80, 80))
+    assert image_score(d, "max") == 1.0
+    assert image_score(d, "top1p_mean") == pytest.approx(0.25)
+    assert image_score(d, "max_map", amap=amap) == pytest.approx(float(amap.max()))
+    with pytest.raises(ValueError, match="unknown image score"):
+        image_score(d, "median")
+
+
+def test_anomaly_map_matches_scipy_reference():
+    rng = np.random.default_rng(0)
+    grid = rng.random((8, 10)).astype(np.float32)
+    amap = anomaly_map(grid, (56, 70), sigma=4.0)
+    assert amap.shape == (56, 70) and amap.dtype == np.float32
+    # reference: half-pixel bilinear upsampling, then scipy's Gaussian (reflect, truncate 4)
+    ys = (np.arange(56) + 0.5) / 7.0 - 0.5
+    xs = (np.arange(70) + 0.5) / 7.0 - 0.5
+    yy, xx = np.meshgrid(np.clip(ys, 0, 7), np.clip(xs, 0, 9), indexing="ij")
+    up = ndimage.map_coordinates(grid.astype(np.float64), [yy, xx], order=1, mode="nearest")
+    ref = ndimage.gaussian_filter(up, sigma=4.0, mode="reflect", truncate=4.0)
+    assert np.abs(amap - ref).max() < 1e-4
+
+
+_PROTO = np.random.default_rng(42).normal(0, 0.3, (2, 32))
+
+
+def _object_grid(rng, h=24, w=24, dim=32, box=(6, 18, 5, 19)):
+    bg = _PROTO[0]
+    fg = _PROTO[1] + 25.0 * np.eye(dim)[0]
+    feats = np.tile(bg, (h, w, 1)) + rng.normal(0, 0.05, (h, w, dim))
+    top, bottom, left, right = box
+    feats[top:bottom, left:right] = fg + rng.normal(0, 0.05, (bottom - top, right - left, dim))
+    truth = np.zeros((h, w), bool)
+    truth[top:bottom, left:right] = True
+    return feats, truth
+
+
+def test_foreground_mask_finds_a_centred_object_and_is_deterministic():
+    rng = np.random.default_rng(0)
+    feats, truth = _object_grid(rng)
+    mask = foreground_mask(feats, threshold=10.0)
+    dilated = ndimage.binary_dilation(truth, structure=np.ones((3, 3)))
+    assert np.array_equal(mask, dilated)
+    assert np.array_equal(mask, foreground_mask(feats.copy(), threshold=10.0))
+    # the sign rule: with the component flipped the centre still wins
+    assert np.array_equal(first_principal_component(feats), first_principal_component(feats))
+    decision = masking_test(mask)
+    assert decision.use_mask, decision.reason
+
+
+def test_masking_test_rejects_textures_and_close_ups():
+    rng = np.random.default_rng(1)
+    texture = rng.random((24, 24)) > 0.5
+    d = masking_test(texture)
+    assert not d.use_mask and d.reason != "mask captures a framed object"
+    close_up = np.ones((24, 24), bool)
+    close_up[0, 0] = False
+    assert not masking_test(close_up).use_mask
+    assert not masking_test(np.zeros((24, 24), bool)).use_mask
+    forced = decide_masking("off", _object_grid(rng)[0], threshold=10.0)
+    assert not forced.use_mask and "forced off" in forced.reason
+
+
+def test_rotations_same_size_about_centre():
+    img = np.zeros((41, 61, 3), np.uint8)
+    img[18:23, 28:33] = 255  # centre square stays put
+    assert len(reference_views(img, True)) == len(AGNOSTIC_ANGLES) == 8
+    assert reference_views(img, False)[0] is img
+    rot = rotate_image(img, 90)
+    assert rot.shape == img.shape
+    assert rot[20, 30].tolist() == [255, 255, 255]
+    corner = np.zeros((40, 40, 3), np.uint8)
+    corner[:, :5] = 200  # reflect-101 borders: no black wedges after 45 degrees
+    assert rotate_image(corner + 50, 45).min() >= 50
+
+
+def test_patch_index_exact_cosine_and_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(500, 16)).astype(np.float32)
+    queries = rng.normal(size=(40, 16)).astype(np.float32)
+    index = PatchIndex().fit(bank * rng.uniform(0.5, 3.0, (500, 1)))  # scale must not matter
+    got = index.nearest_distance(queries)
+    bn = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    ref = 1.0 - (qn @ bn.T).max(axis=1)
+    assert np.allclose(got, ref, atol=1e-5)
+    index.save(tmp_path / "bank.faiss")
+    loaded = PatchIndex.load(tmp_path / "bank.faiss")
+    assert loaded.size == 500 and np.array_equal(loaded.nearest_distance(queries), got)
+    (tmp_path / "bank.faiss").write_bytes((tmp_path / "bank.faiss").read_bytes()[:1000])
+    with pytest.raises(Exception):  # noqa: B017 - faiss raises RuntimeError on truncated data
+        PatchIndex.load(tmp_path / "bank.faiss")
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_indexes_are_close(kind):
+    rng = np.random.default_rng(2)
+    bank = rng.normal(size=(4000, 24)).astype(np.float32)
+    queries = bank[:200] + rng.normal(0, 0.05, (200, 24)).astype(np.float32)
+    exact = PatchIndex().fit(bank).nearest_distance(queries)
+    approx = PatchIndex(kind, nprobe=32).fit(bank).nearest_distance(queries)
+    assert np.mean(np.abs(approx - exact) < 1e-5) > 0.9
+
+
+def test_few_shot_scorer_flags_the_odd_patch_and_masks_background():
+    rng = np.random.default_rng(3)
+    ref, _ = _object_grid(rng)
+    test, truth = _object_grid(rng)
+    test[10, 12] = rng.normal(0, 1, 32) * 5  # a defect inside the object
+    test[1, 1] = rng.normal(0, 1, 32) * 5  # clutter on the background
+    scorer = FewShotScorer().fit([ref])
+    res = scorer.score(test, image_size=(96, 96))
+    assert res.max_patch in {(10, 12), (1, 1)}
+    assert res.anomaly_map.shape == (96, 96)
+    fg = foreground_mask(test, threshold=10.0)
+    masked = scorer.score(test, image_size=(96, 96), foreground=fg)
+    assert masked.max_patch == (10, 12)
+    assert masked.patch_distances[1, 1] == 0.0
+    assert 0 < masked.masked_fraction < 1
+    clean = scorer.score(_object_grid(rng)[0], image_size=(96, 96), foreground=fg)
+    assert masked.score > 3 * clean.score

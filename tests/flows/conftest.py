@@ -1,0 +1,49 @@
+"""Fixtures for flow/task tests: a real SeaweedFS on loopback, started once per session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from infra.services import S3Service, start_seaweedfs
+from tasks.storage import StorageConfig, filesystem
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+@dataclass(frozen=True)
+class S3Env:
+    """A running SeaweedFS and the ``StorageConfig`` to reach it."""
+
+    service: S3Service
+    storage: StorageConfig
+
+    def new_bucket(self, prefix: str = "test") -> str:
+        """Create a fresh, empty bucket and return its ``s3://`` URI."""
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        fs, _ = filesystem(f"s3://{name}", self.storage)
+        fs.mkdir(name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Env]:
+    service = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs-state"))
+    storage = StorageConfig(
+        endpoint_url=service.endpoint_url, key=service.access_key, secret=service.secret_key
+    )
+    try:
+        yield S3Env(service=service, storage=storage)
+    finally:
+        service.stop()
+
+
+@pytest.fixture
+def bucket(s3: S3Env) -> str:
+    """A fresh bucket URI for one test."""
+    return s3.new_bucket()
