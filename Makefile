@@ -1,0 +1,47 @@
+# One entry point for people and CI. `make test` creates .venv if needed and runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export HF_HUB_OFFLINE := 1
+
+.PHONY: venv test lint bench demo infra-up infra-down clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch/torchvision first, pinned: pip then takes the local wheels instead of a download
+	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/pip install -q -e ".[dev]"
+	# the authors' DINOv2 code, for the parity test only (code, no dependencies)
+	$(BIN)/pip install -q --no-deps "dinov2==0.0.1.dev2"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/embed.py
+	$(BIN)/python bench/score.py
+	$(BIN)/python bench/zero_shot.py
+
+demo: $(STAMP)
+	$(BIN)/anomalydino demo
+
+infra-up: $(STAMP)
+	$(BIN)/python -m infra start
+
+infra-down: $(STAMP)
+	$(BIN)/python -m infra stop
+
+clean:
+	rm -rf .pytest_cache .ruff_cache runs
