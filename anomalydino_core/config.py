@@ -45,7 +45,7 @@ class ScoringSettings(_Frozen):
     mask_references: bool = False
     image_score: Literal["top1p_mean", "max", "max_map"] = "top1p_mean"
     sigma: float = Field(default=4.0, ge=0)
-    index: Literal["exact", "hnsw", "ivf"] = "exact"
+    index: Literal["exact", "exact_bf16", "hnsw", "ivf"] = "exact"
     zero_shot_statistic: Literal["code_mean", "quantile"] = "code_mean"
     zero_shot_alpha: float = Field(default=0.001, gt=0, lt=1)
     memory_budget_gb: float = Field(default=2.0, gt=0)

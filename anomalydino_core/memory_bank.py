@@ -10,7 +10,7 @@ from typing import Literal
 import faiss
 import numpy as np
 
-IndexKind = Literal["exact", "hnsw", "ivf"]
+IndexKind = Literal["exact", "exact_bf16", "hnsw", "ivf"]
 _FORMAT = "anomalydino.patch_index/1"
 
 
@@ -34,10 +34,16 @@ class SearchResult:
 class PatchIndex:
     """Nearest reference patch by cosine distance (inner product of L2-normalised vectors).
 
-    ``kind="exact"`` (default) is a flat index; ``hnsw`` / ``ivf`` are approximate options for
-    full-shot banks of millions of patches. A GPU copy is used when faiss has GPU support and a
-    GPU is present (``use_gpu=None``).
+    ``kind="exact"`` (default) is a flat fp32 index. ``exact_bf16`` screens the bank with a bf16
+    matmul (AMX on recent x86 CPUs, tensor cores on CUDA), keeps the best bank row of every block
+    of ``bf16_block`` rows and re-ranks those candidates in fp32: the returned distance is the true
+    fp32 distance of the chosen row, and the chosen row is the true nearest neighbour unless two
+    rows of one block are within bf16 rounding (~1e-3) of each other. ``hnsw`` / ``ivf`` are
+    approximate options for full-shot banks of millions of patches. A GPU copy is used when faiss
+    has GPU support and a GPU is present (``use_gpu=None``).
     """
+
+    bf16_block = 4096
 
     def __init__(
         self,
@@ -48,8 +54,8 @@ class PatchIndex:
         ivf_lists: int | None = None,
         nprobe: int = 16,
     ) -> None:
-        if kind not in ("exact", "hnsw", "ivf"):
-            raise ValueError(f"unknown index kind {kind!r}; choose exact, hnsw or ivf")
+        if kind not in ("exact", "exact_bf16", "hnsw", "ivf"):
+            raise ValueError(f"unknown index kind {kind!r}; choose exact, exact_bf16, hnsw or ivf")
         self.kind = kind
         self.use_gpu = gpu_available() if use_gpu is None else use_gpu
         self.hnsw_m = hnsw_m
@@ -74,7 +80,7 @@ class PatchIndex:
         if x.shape[0] == 0:
             raise ValueError("cannot build a memory bank from zero patches")
         dim = x.shape[1]
-        if self.kind == "exact":
+        if self.kind in ("exact", "exact_bf16"):
             index = faiss.IndexFlatIP(dim)
         elif self.kind == "hnsw":
             index = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -93,6 +99,15 @@ class PatchIndex:
     def _set(self, index: faiss.Index) -> None:
         self._index = index
         self._search_index = index
+        self._bank32 = self._bank16 = None
+        if self.kind == "exact_bf16":
+            import torch
+
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            rows = index.reconstruct_n(0, index.ntotal)
+            self._bank32 = torch.from_numpy(rows).to(device)
+            self._bank16 = self._bank32.to(torch.bfloat16)
+            return
         if self.use_gpu and self.kind != "hnsw" and gpu_available():
             self._gpu_res = faiss.StandardGpuResources()
             self._search_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
@@ -104,9 +119,31 @@ class PatchIndex:
         q = _as_unit_rows(queries)
         if q.shape[1] != self.dim:
             raise ValueError(f"query dim {q.shape[1]} != bank dim {self.dim}")
+        if self._bank16 is not None:
+            if k != 1:
+                raise ValueError("exact_bf16 search returns the nearest neighbour only (k=1)")
+            return self._search_bf16(q)
         sims, idx = self._search_index.search(q, k)
         dist = np.clip(1.0 - sims, 0.0, 2.0).astype(np.float32)
         return SearchResult(distances=dist, indices=idx.astype(np.int64))
+
+    def _search_bf16(self, q: np.ndarray) -> SearchResult:
+        import torch
+
+        bank32, bank16 = self._bank32, self._bank16
+        q32 = torch.from_numpy(q).to(bank32.device)
+        q16 = q32.to(torch.bfloat16)
+        cand = []
+        with torch.inference_mode():
+            for start in range(0, bank16.shape[0], self.bf16_block):
+                sims = q16 @ bank16[start : start + self.bf16_block].T
+                cand.append(sims.max(dim=1).indices + start)
+            cand_idx = torch.stack(cand, dim=1)  # (n, blocks)
+            exact = torch.einsum("nd,nbd->nb", q32, bank32[cand_idx])
+            best, pos = exact.max(dim=1)
+            idx = cand_idx.gather(1, pos[:, None])
+        dist = np.clip(1.0 - best.cpu().numpy(), 0.0, 2.0).astype(np.float32)[:, None]
+        return SearchResult(distances=dist, indices=idx.cpu().numpy().astype(np.int64))
 
     def nearest_distance(self, queries: np.ndarray) -> np.ndarray:
         """Cosine distance of each query row to its nearest bank patch, (n,) float32."""

@@ -147,3 +147,22 @@ def test_few_shot_scorer_flags_the_odd_patch_and_masks_background():
     assert 0 < masked.masked_fraction < 1
     clean = scorer.score(_object_grid(rng)[0], image_size=(96, 96), foreground=fg)
     assert masked.score > 3 * clean.score
+
+
+def test_exact_bf16_returns_true_fp32_distances_of_near_best_rows(tmp_path):
+    rng = np.random.default_rng(5)
+    bank = rng.normal(size=(10000, 64)).astype(np.float32)
+    queries = np.concatenate([bank[:50] + rng.normal(0, 0.02, (50, 64)), rng.normal(size=(50, 64))])
+    exact = PatchIndex().fit(bank).search(queries)
+    fast = PatchIndex("exact_bf16").fit(bank)
+    got = fast.search(queries)
+    assert np.abs(got.distances - exact.distances).max() < 2e-3
+    assert np.mean(got.indices == exact.indices) > 0.95
+    # the distance reported is the fp32 distance of the returned row
+    bn = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    rows = bn[got.indices[:, 0]]
+    assert np.allclose(got.distances[:, 0], 1 - np.sum(qn * rows, axis=1), atol=1e-5)
+    fast.save(tmp_path / "b.faiss")
+    again = PatchIndex.load(tmp_path / "b.faiss").search(queries)
+    assert np.array_equal(again.indices, got.indices)
