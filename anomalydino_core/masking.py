@@ -14,13 +14,14 @@ _SQUARE = np.ones((3, 3), dtype=bool)
 def first_principal_component(features: np.ndarray) -> np.ndarray:
     """Projection of each patch onto the first principal component (deterministic sign).
 
-    Exact SVD of the centred (n, C) matrix; the sign is fixed so that the loading with the largest
-    absolute value is positive (sklearn's ``svd_flip`` convention).
+    Exact eigendecomposition of the C x C covariance of the centred (n, C) patch matrix (the same
+    component as an SVD, several times faster for n >> C); the sign is fixed so that the loading
+    with the largest absolute value is positive (sklearn's ``svd_flip`` convention).
     """
     x = np.asarray(features, dtype=np.float64).reshape(-1, features.shape[-1])
     x = x - x.mean(axis=0, keepdims=True)
-    _, _, vt = np.linalg.svd(x, full_matrices=False)
-    component = vt[0]
+    _, vectors = np.linalg.eigh(x.T @ x)
+    component = vectors[:, -1]
     if component[np.argmax(np.abs(component))] < 0:
         component = -component
     return x @ component

@@ -34,7 +34,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     size = (args.image_size, args.image_size)
     print(f"threads={args.threads} map size={size}")
-    print(f"{'geometry':<20}{'shots':>6}{'bank':>9}{'search ms':>11}{'score+map ms':>14}{'total ms':>10}")
+    print(
+        f"{'geometry':<20}{'shots':>6}{'bank':>9}{'search ms':>11}{'score+map ms':>14}{'total ms':>10}"
+    )
     for name, (gh, gw, dim) in GEOMETRIES.items():
         for shots in (int(s) for s in args.shots.split(",")):
             bank = rng.standard_normal((shots * 8, gh, gw, dim), dtype=np.float32)
@@ -53,8 +55,11 @@ def main() -> None:
                 total.append(t2 - t1)
             s_ms = 1000 * statistics.median(search)
             t_ms = 1000 * statistics.median(total)
-            print(f"{name:<20}{shots:>6}{scorer.bank_size:>9}{s_ms:>11.1f}{t_ms - s_ms:>14.1f}"
-                  f"{t_ms:>10.1f}", flush=True)
+            print(
+                f"{name:<20}{shots:>6}{scorer.bank_size:>9}{s_ms:>11.1f}{t_ms - s_ms:>14.1f}"
+                f"{t_ms:>10.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

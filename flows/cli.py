@@ -28,7 +28,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_scoring_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scoring")
     g.add_argument("--image-score", choices=["top1p_mean", "max", "max_map"], default="top1p_mean")
-    g.add_argument("--index", choices=["exact", "hnsw", "ivf"], default="exact")
+    g.add_argument("--index", choices=["exact", "exact_bf16", "hnsw", "ivf"], default="exact")
     g.add_argument("--zero-shot-statistic", choices=["code_mean", "quantile"], default="code_mean")
     g.add_argument("--zero-shot-alpha", type=float, default=0.001)
     g.add_argument("--memory-budget-gb", type=float, default=2.0)
@@ -54,7 +54,6 @@ def _evaluate(args) -> int:
     from anomalydino_core.evaluation import (
         EvaluationRequest,
         parse_shots,
-        run_evaluation,
         write_outputs,
     )
 
@@ -73,9 +72,11 @@ def _evaluate(args) -> int:
             memory_budget_gb=args.memory_budget_gb,
         ),
     )
+    from flows.evaluate import evaluate
+
     t0 = time.perf_counter()
     try:
-        df = run_evaluation(request)
+        df = evaluate(request)  # a flow run
     except WeightsUnavailableError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -101,14 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ev)
     _add_scoring_args(ev)
     ev.set_defaults(func=_evaluate)
+
+    from flows.commands import add_subcommands
+
+    add_subcommands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from anomalydino_core.backbones import WeightsUnavailableError
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, WeightsUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -256,6 +257,13 @@ class EmbeddingStore:
         except Exception as exc:
             raise OSError(f"{self.uri}: writing image {item.image_id!r} failed: {exc}") from exc
 
+    def attributes(self, image_id: str) -> dict[str, Any]:
+        """Stored attributes of a complete entry (no array read); ``KeyError`` if absent."""
+        attrs = self._complete_attrs(image_id)
+        if attrs is None:
+            raise KeyError(f"{self.uri}: no complete embedding for image {image_id!r}")
+        return attrs
+
     def get(self, image_id: str) -> EmbeddedImage:
         """The complete entry of ``image_id``; ``KeyError`` naming it if absent or incomplete."""
         attrs = self._complete_attrs(image_id)
@@ -280,7 +288,10 @@ class EmbeddingStore:
         except NOT_FOUND_ERRORS:
             return []
         out = []
-        for _, group in images.groups():
+        with warnings.catch_warnings():  # entries being written have no metadata yet
+            warnings.filterwarnings("ignore", "Object at .* is not recognized", UserWarning)
+            nodes = list(images.groups())
+        for _, group in nodes:
             attrs = group.attrs
             if attrs.get("complete") is True and isinstance(attrs.get("image_id"), str):
                 out.append(attrs["image_id"])

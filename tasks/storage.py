@@ -39,6 +39,7 @@ class StorageConfig:
     key: str | None = None
     secret: str | None = field(default=None, repr=False)
     anon: bool = False
+    profile: str | None = None  # a profile of the AWS shared credentials file
     client_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @classmethod
@@ -62,6 +63,8 @@ class StorageConfig:
         opts: dict[str, Any] = {"use_listings_cache": False, "client_kwargs": client}
         if self.anon:
             opts["anon"] = True
+        elif self.profile and self.key is None:
+            opts["profile"] = self.profile
         else:
             if self.key is not None:
                 opts["key"] = self.key
@@ -195,6 +198,42 @@ def list_files(
             continue
         out.append(_uri_like(prefix, item))
     return sorted(out)
+
+
+def list_dirs(prefix: str, storage: StorageConfig | None = None) -> list[str]:
+    """Sorted names of the immediate sub-folders (prefixes) of ``prefix``; hidden names skipped.
+
+    Local symbolic links to folders count as folders. A missing prefix gives an empty list.
+    """
+    if is_local(prefix):
+        base = local_path(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    fs, path = filesystem(prefix, storage)
+    try:
+        entries = fs.ls(path, detail=True, refresh=True)
+    except FileNotFoundError:
+        return []
+    names = {
+        posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"
+    }
+    return sorted(n for n in names if n and not n.startswith("."))
+
+
+#: Errors that say something about one object, not about the storage service: never retried.
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """True for transient storage failures worth a retry (I/O errors, S3 client/connection
+    errors, timeouts); False for bad input (missing object, undecodable image, bad config)."""
+    if isinstance(exc, PERMANENT_ERRORS):
+        return False
+    if isinstance(exc, OSError | TimeoutError | ConnectionError):
+        return True
+    module = type(exc).__module__ or ""
+    return module.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3"))
 
 
 def zarr_store(uri: str, storage: StorageConfig | None = None, read_only: bool = False) -> Any:

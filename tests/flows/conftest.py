@@ -47,3 +47,14 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Env]:
 def bucket(s3: S3Env) -> str:
     """A fresh bucket URI for one test."""
     return s3.new_bucket()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[str]:
+    """A temporary Prefect server and database for the session; yields its API URL."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield str(PREFECT_API_URL.value())

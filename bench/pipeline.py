@@ -1,0 +1,148 @@
+"""End-to-end pipeline throughput: the audit flow on the MVTec bottle lot (83 images) vs the model.
+
+    python bench/pipeline.py [--backbone auto] [--weights W] [--resolution 448] [--shots 4]
+                             [--rotation informed] [--batch-size 1] [--threads 2]
+                             [--concurrency 2] [--root DIR]
+
+1. Links (never copies) bottle/train/good[:shots] as reference version v1 and bottle/test as one
+   lot under a fresh root, and builds the bank (not timed: a bank is built once per version).
+2. First run: the audit flow embeds, scores, writes maps, overlays and the report.
+3. Re-run: the same lot again; every embedding is reused.
+4. Model only: bench/embed.py's forward-pass timing with the same extractor settings
+   (preprocessed tensors, no decoding, no I/O).
+
+Prints images/s of each and the ratio pipeline / model (target >= 0.75 on the first run). Time of
+a run = the flow's own wall time (from its start to the report written, model already loaded);
+``call`` adds Prefect's flow-run bookkeeping around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+for key, value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+}.items():
+    os.environ.setdefault(key, value)
+
+
+def _embed_bench():
+    spec = importlib.util.spec_from_file_location("bench_embed", REPO / "bench" / "embed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def model_only_images_per_s(model_settings, threads: int, repeats: int) -> tuple[float, str]:
+    """bench/embed.py's median forward time at the pipeline's settings, on a 900x900 input."""
+    import torch
+
+    from anomalydino_core.features import to_input_tensor
+    from tasks.models import embedder, pin_threads
+
+    pin_threads(threads)
+    ex = embedder(model_settings).extractor
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (900, 900, 3), dtype=np.uint8)
+    x = to_input_tensor(image, ex.preprocess)
+    bs = ex.batch_size
+    ms = _embed_bench().median_ms_per_image(
+        ex, x[None].expand(bs, -1, -1, -1).contiguous(), repeats
+    )
+    torch.set_num_threads(threads)
+    return 1000.0 / ms, f"{ex.backbone.identity.name} {ex.precision} batch {bs}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mvtec_ad"))
+    p.add_argument("--backbone", default="auto")
+    p.add_argument("--weights", default=None, help="e.g. 'random' for DINOv2 speed tests")
+    p.add_argument("--resolution", type=int, default=448)
+    p.add_argument("--shots", type=int, default=4)
+    p.add_argument("--rotation", choices=["agnostic", "informed"], default="informed")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--chunk-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--root", default=None, help="default: a temp dir, removed at the end")
+    args = p.parse_args()
+
+    from flows.audit import audit_lot
+    from flows.build_bank import build_bank
+    from flows.commands import setup_demo
+    from flows.config import PipelineConfig
+
+    root = Path(args.root or tempfile.mkdtemp(prefix="anomalydino-bench-")).resolve()
+    setup_demo(root, Path(args.data), "bottle", args.shots, "lot-bench")
+    cfg = PipelineConfig.load(
+        environ={},
+        overrides={
+            "root": str(root),
+            "model": {
+                "backbone": args.backbone,
+                "weights": args.weights,
+                "resolution": args.resolution,
+                "batch_size": args.batch_size,
+                "threads": args.threads,
+            },
+            "runtime": {"concurrency": args.concurrency, "chunk_size": args.chunk_size},
+            "products": {"bottle": {"rotation": args.rotation}},
+        },
+    )
+    try:
+        t0 = time.perf_counter()
+        bank = build_bank("bottle", config=cfg)
+        print(
+            f"bank: {len(bank.references)} references x {len(bank.angles)} views, "
+            f"{bank.bank_patches} patches, built in {time.perf_counter() - t0:.1f}s "
+            f"(incl. model load)",
+            flush=True,
+        )
+        runs = []
+        for label in ("first run", "re-run"):
+            t0 = time.perf_counter()
+            s = audit_lot("bottle", "lot-bench", cfg)
+            call = time.perf_counter() - t0
+            runs.append((label, s, call))
+        model_ips, what = model_only_images_per_s(cfg.model, args.threads, args.repeats)
+    finally:
+        if not args.root:
+            shutil.rmtree(root, ignore_errors=True)
+
+    print(
+        f"\nbottle lot, {args.resolution}px, {what}, {args.threads} threads, "
+        f"{args.shots} shots ({args.rotation}), runner concurrency {args.concurrency}"
+    )
+    print(f"{'':<12}{'images':>7}{'computed':>9}{'reused':>7}{'flow s':>8}{'img/s':>7}"
+          f"{'call s':>8}{'ratio':>7}")  # fmt: skip
+    for label, s, call in runs:
+        ips = s.n_images / s.seconds
+        print(
+            f"{label:<12}{s.n_images:>7}{s.n_computed:>9}{s.n_reused:>7}{s.seconds:>8.2f}"
+            f"{ips:>7.1f}{call:>8.2f}{ips / model_ips:>7.2f}"
+        )
+    print(f"{'model only':<12}{'':>31}{model_ips:>7.1f}")
+    first = runs[0][1]
+    ratio = first.n_images / first.seconds / model_ips
+    print(f"\nfirst-run ratio pipeline/model = {ratio:.2f} (target >= 0.75)")
+    print(f"re-run speed-up = {first.seconds / runs[1][1].seconds:.1f}x")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Build a product's reference bank from one reference-set version (default: the latest)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import PipelineConfig
+from flows.runtime import (
+    artifact_key,
+    chunked,
+    markdown_table,
+    publish_markdown,
+    resolve_config,
+)
+from tasks.bank import (
+    BankError,
+    BankManifest,
+    ReferenceImage,
+    bank_key,
+    fit_and_write_bank,
+    read_manifest,
+    reference_angles,
+)
+from tasks.embed import SourceImage, embed_images
+from tasks.layout import IMAGE_SUFFIXES, latest_version, relative_id
+from tasks.models import default_threads, embedder
+from tasks.retry import retry_on_storage_error, run_logger
+from tasks.storage import list_dirs, list_files
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """The resolved model of a run: its feature settings, their key, the store, the threads."""
+
+    settings: dict[str, Any]
+    key: str
+    store_uri: str
+    threads: int
+    mask_threshold: float
+
+
+def model_context(cfg: PipelineConfig, product: str) -> ModelContext:
+    """Load the model once in the flow process (tasks here reuse it) and resolve its identity."""
+    model = embedder(cfg.model, cfg.storage_config())
+    return ModelContext(
+        settings=model.settings,
+        key=model.key,
+        store_uri=cfg.layout().embeddings(product, model.key),
+        threads=default_threads(cfg.model),
+        mask_threshold=model.mask_threshold,
+    )
+
+
+@task(
+    name="list-images",
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=retry_on_storage_error,
+    cache_policy=NO_CACHE,
+)
+def list_images(prefix: str, storage_settings) -> list[str]:
+    """Image URIs under ``prefix`` (recursive, sorted); other files are logged and ignored."""
+    storage = storage_settings.storage_config()
+    every = list_files(prefix, None, storage)
+    images = [u for u in every if u.lower().endswith(IMAGE_SUFFIXES)]
+    ignored = len(every) - len(images)
+    if ignored:
+        run_logger().info(
+            "%s: ignoring %d file(s) without an image suffix %s", prefix, ignored, IMAGE_SUFFIXES
+        )
+    return images
+
+
+def reference_versions(cfg: PipelineConfig, product: str) -> list[str]:
+    return list_dirs(cfg.layout().product_references(product), cfg.storage_config())
+
+
+def resolve_version(cfg: PipelineConfig, product: str, version: str | None) -> str:
+    versions = reference_versions(cfg, product)
+    if version is None:
+        version = latest_version(versions)
+        if version is None:
+            raise BankError(
+                f"product {product!r}: no reference versions under "
+                f"{cfg.layout().product_references(product)}"
+            )
+    elif version not in versions:
+        raise BankError(
+            f"product {product!r}: no reference version {version!r} "
+            f"(found: {', '.join(versions) or 'none'})"
+        )
+    return version
+
+
+def threshold_rule(cfg: PipelineConfig) -> dict[str, Any]:
+    return cfg.thresholds.model_dump(
+        include={"loo_sigmas", "loo_margin", "loo_max_references"}, mode="json"
+    )
+
+
+def prepare_bank(
+    cfg: PipelineConfig,
+    product: str,
+    mc: ModelContext,
+    version: str | None = None,
+    *,
+    force: bool = False,
+) -> BankManifest:
+    """The bank of ``product``/``version`` for this model, built (inside the current flow) if
+    it does not exist yet or ``force``."""
+    log = run_logger()
+    storage = cfg.storage_config()
+    layout = cfg.layout()
+    version = resolve_version(cfg, product, version)
+    scoring = cfg.scoring_for(product)
+    psettings = cfg.product(product)
+    rule = threshold_rule(cfg)
+    key = bank_key(mc.key, scoring, psettings.shots, rule)
+    uri = layout.bank(product, version, key)
+    if not force:
+        existing = read_manifest(uri, storage)
+        if existing is not None:
+            log.info("bank %s exists (%d patches), reusing it", uri, existing.bank_patches)
+            return existing
+
+    prefix = layout.reference_version(product, version)
+    uris = list_images(prefix, cfg.storage)
+    if psettings.shots is not None:
+        if len(uris) < psettings.shots:
+            raise BankError(
+                f"product {product!r} version {version!r}: {len(uris)} reference images, "
+                f"the product config asks for shots={psettings.shots}"
+            )
+        uris = uris[: psettings.shots]
+    if not uris:
+        raise BankError(f"product {product!r} version {version!r}: no images under {prefix}")
+    angles = reference_angles(scoring)
+    items = [SourceImage(relative_id(prefix, u), u, "references/{sha256}", angles) for u in uris]
+    log.info(
+        "building bank %s: %d references x %d views (%s)", uri, len(items), len(angles), mc.key
+    )
+    futures = [
+        embed_images.submit(
+            chunk,
+            mc.store_uri,
+            mc.settings,
+            cfg.model,
+            mc.threads,
+            cfg.runtime.io_threads,
+            cfg.storage,
+        )
+        for chunk in chunked(items, max(1, cfg.runtime.chunk_size // len(angles)))
+    ]
+    summaries = [f.result() for f in futures]
+    uri_of = {it.image_id: it.uri for it in items}
+    references: list[ReferenceImage] = []
+    errors: list[str] = []
+    for s in summaries:
+        for image_id, sha, size, error in zip(
+            s.image_ids, s.content_sha256, s.image_sizes, s.errors, strict=True
+        ):
+            if error is not None:
+                errors.append(error)
+            else:
+                references.append(ReferenceImage(image_id, uri_of[image_id], sha, size))
+    if errors:
+        raise BankError(
+            f"product {product!r} version {version!r}: {len(errors)} unreadable reference "
+            f"image(s); fix the reference set: " + "; ".join(errors)
+        )
+    manifest = fit_and_write_bank(
+        bank_uri=uri,
+        product=product,
+        version=version,
+        key=key,
+        feature_key=mc.key,
+        store_uri=mc.store_uri,
+        store_settings=mc.settings,
+        references=references,
+        scoring=scoring,
+        shots=psettings.shots,
+        mask_threshold=mc.mask_threshold,
+        configured_threshold=psettings.threshold,
+        threshold_rule=rule,
+        threads=mc.threads,
+        io_threads=cfg.runtime.io_threads,
+        storage_settings=cfg.storage,
+    )
+    n_reused = sum(s.n_reused for s in summaries)
+    publish_markdown(
+        bank_markdown(manifest, n_reused),
+        artifact_key("bank", product, version),
+        f"reference bank {product} {version}",
+    )
+    return manifest
+
+
+def bank_markdown(m: BankManifest, n_reused_refs: int = 0) -> str:
+    head = markdown_table(
+        ["product", "version", "references", "views", "patches", "masking", "threshold", "source"],
+        [
+            [
+                m.product,
+                m.version,
+                len(m.references),
+                len(m.angles),
+                m.bank_patches,
+                "on" if m.use_mask else "off",
+                m.threshold,
+                m.threshold_source,
+            ]
+        ],
+    )
+    loo = markdown_table(["reference", "leave-one-out score"], sorted(m.loo_scores.items()))
+    return (
+        f"## Bank {m.product} / {m.version}\n\n{head}\n\n"
+        f"Masking: {m.masking_reason}. Bank: `{m.uri}`. Reference embeddings reused: "
+        f"{n_reused_refs}.\n\n{loo}\n"
+    )
+
+
+@flow(name="build-bank", log_prints=False)
+def build_bank(
+    product: str,
+    version: str | None = None,
+    config: PipelineConfig | None = None,
+    force: bool = False,
+) -> BankManifest:
+    """Build (or find) the bank of a product's reference version (default: the latest)."""
+    cfg = resolve_config(config)
+    mc = model_context(cfg, product)
+    return prepare_bank(cfg, product, mc, version, force=force)

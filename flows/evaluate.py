@@ -1,0 +1,19 @@
+"""The MVTec-protocol evaluation (anomalydino_core.evaluation) as a flow run."""
+
+from __future__ import annotations
+
+import pandas as pd
+from prefect import flow
+
+from anomalydino_core.evaluation import EvaluationRequest, run_evaluation, summary_table
+from flows.runtime import artifact_key, publish_markdown
+from tasks.retry import run_logger
+
+
+@flow(name="evaluate", validate_parameters=False)
+def evaluate(request: EvaluationRequest) -> pd.DataFrame:
+    """Evaluate one category (k-shot x seeds, or zero-shot); one row per shots x seed."""
+    log = run_logger()
+    df = run_evaluation(request, log=log.info)
+    publish_markdown(summary_table(df), artifact_key("evaluate", request.category), "evaluation")
+    return df

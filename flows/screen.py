@@ -1,0 +1,220 @@
+"""Shipment screening: batched zero-shot scoring of an unlabeled shipment, no references.
+
+Every image is scored against the patches of all the other images of the shipment (METHOD.md
+section 4). The queries are split into ``runtime.zero_shot_blocks`` fixed blocks (one task each,
+any runner); each block reads the shipment's stored embeddings. Threshold: the product's
+``zero_shot_threshold`` or, by default, ``zero_shot_ratio`` (2) x the lowest-decile score of the
+shipment (``thresholds.zero_shot_low_quantile``): the best tenth of a shipment is taken as normal
+and images scoring more than twice its level are flagged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+from prefect import flow
+
+from anomalydino_core.few_shot import decide_masking
+from anomalydino_core.zero_shot import MutualScoringConfig, split_query_indices
+from flows.audit import (
+    LotRunSummary,
+    lot_items,
+    open_map_archive,
+    report_metadata,
+    run_markdown,
+    summarize,
+)
+from flows.build_bank import model_context
+from flows.config import PipelineConfig
+from flows.runtime import (
+    artifact_key,
+    chunked,
+    current_flow_run_id,
+    new_run_id,
+    publish_markdown,
+    resolve_config,
+    runner_name,
+    utc_now,
+)
+from tasks.embed import embed_images
+from tasks.embedding_store import EmbeddingStore
+from tasks.layout import check_name
+from tasks.report import ReportRow, write_report
+from tasks.retry import run_logger
+from tasks.score import (
+    ZERO_SHOT,
+    RunContext,
+    StoredImage,
+    make_row,
+    overlay_scale,
+    score_zero_shot_block,
+    write_overlays,
+)
+from tasks.storage import exists
+
+
+def shipment_threshold(scores: list[float], low_quantile: float, ratio: float) -> float:
+    """``ratio`` x the ``low_quantile`` quantile (linear interpolation) of the scores."""
+    q = np.asarray(scores, dtype=np.float64)
+    return float(ratio * np.quantile(q, low_quantile))
+
+
+@flow(name="screen-shipment")
+def screen_shipment(
+    product: str, shipment: str, config: PipelineConfig | None = None
+) -> LotRunSummary:
+    """Zero-shot screening of ``incoming/<product>/<shipment>``: report, maps, overlays."""
+    t0 = time.perf_counter()
+    started = utc_now()
+    cfg = resolve_config(config)
+    check_name("product", product)
+    check_name("lot", shipment)
+    log = run_logger()
+    storage = cfg.storage_config()
+    layout = cfg.layout()
+    scoring = cfg.scoring_for(product)
+    mc = model_context(cfg, product)
+    items = lot_items(cfg, product, shipment)
+    if not items and not exists(layout.lot(product, shipment), storage):
+        raise FileNotFoundError(
+            f"{product}/{shipment}: no shipment at {layout.lot(product, shipment)}"
+        )
+    futures = [
+        embed_images.submit(
+            chunk, mc.store_uri, mc.settings, cfg.model, mc.threads, cfg.runtime.io_threads,
+            cfg.storage,
+        )
+        for chunk in chunked(items, cfg.runtime.chunk_size)
+    ]  # fmt: skip
+    summaries = [f.result() for f in futures]
+    flow_run_id = current_flow_run_id()
+    run_id = new_run_id(started, flow_run_id)
+
+    by_id = {it.image_id: it for it in items}
+    ok: list[StoredImage] = []
+    failed: list[tuple] = []
+    reused: dict[str, bool] = {}
+    store = EmbeddingStore.open(mc.store_uri, mc.settings, storage, create=False, read_only=True)
+    for s in summaries:
+        for image_id, sha, nbytes, error, was_reused in zip(
+            s.image_ids, s.content_sha256, s.file_sizes, s.errors, s.reused, strict=True
+        ):
+            item = by_id[image_id]
+            if error is not None:
+                failed.append((item, sha, nbytes, error))
+                continue
+            attrs = store.attributes(item.store_id)
+            size = tuple(attrs["image_size"])
+            ok.append(StoredImage(item, sha, nbytes, size, tuple(attrs["grid"])))
+            reused[image_id] = was_reused
+
+    use_mask = False
+    masking_reason = "masking off"
+    if ok and scoring.masking != "off":
+        first = store.get(ok[0].item.store_id).features.astype(np.float32)
+        decision = decide_masking(scoring.masking, first, threshold=mc.mask_threshold)
+        use_mask, masking_reason = decision.use_mask, f"{decision.reason} (first image)"
+    ctx = RunContext(
+        product=product,
+        lot=shipment,
+        run_id=run_id,
+        flow_run_id=flow_run_id,
+        method=ZERO_SHOT,
+        run_started_at=started,
+        store_uri=mc.store_uri,
+        store_settings=mc.settings,
+        maps_uri=layout.map_archive(product, shipment, run_id),
+        overlays_uri=layout.overlays(product, shipment, run_id),
+        model=cfg.model,
+        storage=cfg.storage,
+        threads=mc.threads,
+        io_threads=cfg.runtime.io_threads,
+        threshold=None,
+        threshold_source="pending",
+        use_mask=use_mask,
+    )
+    open_map_archive(ctx, cfg, None)
+    log.info(
+        "screening %s/%s: %d images (%d unreadable), masking %s: %s",
+        product,
+        shipment,
+        len(items),
+        len(failed),
+        "on" if use_mask else "off",
+        masking_reason,
+    )
+    scores = []
+    if len(ok) >= 2:
+        zconfig = MutualScoringConfig(
+            statistic=scoring.zero_shot_statistic,
+            alpha=scoring.zero_shot_alpha,
+            memory_budget_bytes=int(scoring.memory_budget_gb * 2**30),
+            image_score=scoring.image_score,
+            sigma=scoring.sigma,
+            device="cpu" if cfg.model.device == "cpu" else "auto",
+        )
+        blocks = split_query_indices(len(ok), cfg.runtime.zero_shot_blocks)
+        block_futures = [score_zero_shot_block.submit(b, ok, ctx, zconfig) for b in blocks]
+        scores = sorted((z for f in block_futures for z in f.result()), key=lambda z: z.index)
+    elif ok:
+        log.warning("%s/%s: a single readable image cannot be screened", product, shipment)
+
+    configured = cfg.product(product).zero_shot_threshold
+    if configured is not None:
+        threshold, source = float(configured), "config"
+    elif len(scores) >= 2:
+        t = cfg.thresholds
+        threshold = shipment_threshold(
+            [z.score for z in scores], t.zero_shot_low_quantile, t.zero_shot_ratio
+        )
+        source = "shipment_low_decile"
+    else:
+        threshold, source = None, "none"
+    ctx = replace(ctx, threshold=threshold, threshold_source=source)
+    lot_max = max((z.map_max for z in scores), default=0.0)
+    scale = overlay_scale(threshold, lot_max)
+
+    rows: list[ReportRow] = []
+    for z in scores:
+        im = ok[z.index]
+        rows.append(
+            make_row(
+                ctx,
+                im.item,
+                content_sha256=im.content_sha256,
+                file_size=im.file_size,
+                image_size=im.image_size,
+                reused=reused[im.item.image_id],
+                score=z.score,
+                masked_fraction=z.masked_fraction,
+                max_patch=z.max_patch,
+                grid=im.grid,
+                map_uri=ctx.map_uri(im.item.image_id),
+                overlay_uri=ctx.overlay_uri(im.item.image_id),
+            )
+        )
+    for item, sha, nbytes, error in failed:
+        rows.append(
+            make_row(ctx, item, content_sha256=sha, file_size=nbytes, image_size=None,
+                     reused=None, error=error)
+        )  # fmt: skip
+    flagged = [(r.image_id, r.image_uri) for r in rows if r.is_anomalous]
+    if flagged:
+        written = write_overlays(flagged, ctx, scale)
+        missing = {fid for (fid, _), uri in zip(flagged, written, strict=True) if uri is None}
+        rows = [replace(r, overlay_uri=None) if r.image_id in missing else r for r in rows]
+
+    report_uri = layout.report(product, shipment, run_id)
+    runner = runner_name(cfg.runtime)
+    meta = report_metadata(ctx, cfg, {"runner": runner, "masking_reason": masking_reason})
+    write_report(report_uri, rows, meta, cfg.storage)
+    summary = summarize(rows, ctx, report_uri, time.perf_counter() - t0, runner)
+    publish_markdown(
+        run_markdown(summary, rows),
+        artifact_key("screen", product, shipment),
+        f"screening {product}/{shipment} run {run_id}",
+    )
+    log.info("%s", summary.text())
+    return summary

@@ -1,0 +1,311 @@
+"""Read images, embed the ones not yet in the store, keep the rest: incremental and idempotent.
+
+An image is identified in the embedding store by a store id (``lots/<lot>/<image id>`` for lot
+images, ``references/<content sha256>/rot<angle>`` for reference views) and is recomputed only if
+no complete entry with the same content hash exists there (the store's settings already pin the
+model and preprocessing). Entries become visible only once complete, so a run killed halfway
+leaves nothing half-written behind and the next run resumes where it stopped.
+
+Features are stored as float16 and always scored as the float16 values widened to float32, so a
+first run and a re-run from stored embeddings give identical scores.
+
+I/O and decoding run in a thread pool and overlap with the model (one computation at a time per
+process, under ``tasks.models.compute_lock()``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from anomalydino_core.augment import rotate_image
+from anomalydino_core.images import ImageDecodeError, decode_image
+from anomalydino_core.masking import foreground_mask
+from tasks.embedding_store import EmbeddedImage, EmbeddingStore
+from tasks.models import Embedder, compute_lock, embedder, pin_threads
+from tasks.retry import retry_on_storage_error, run_logger, with_storage_retries
+from tasks.storage import PERMANENT_ERRORS, StorageConfig, read_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One image to embed: its id in reports, where it is, and its id in the embedding store.
+
+    ``store_id`` may contain ``{sha256}`` (content-addressed references). ``angles``: rotated
+    views to embed, each stored as ``<store_id>/rot<angle>``; ``None`` embeds the image once
+    under ``store_id`` itself.
+    """
+
+    image_id: str
+    uri: str
+    store_id: str
+    angles: tuple[int, ...] | None = None
+
+    def store_ids(self, sha256: str) -> list[str]:
+        base = self.store_id.format(sha256=sha256)
+        if self.angles is None:
+            return [base]
+        return [f"{base}/rot{a:03d}" for a in self.angles]
+
+
+@dataclass(eq=False)
+class EmbeddedSource:
+    """What one image gave: its views' features (float16 widened to float32) or an error."""
+
+    item: SourceImage
+    content_sha256: str | None = None
+    file_size: int | None = None
+    image_size: tuple[int, int] | None = None
+    features: list[np.ndarray] = field(default_factory=list)  # one (gh, gw, C) per view
+    masks: list[np.ndarray] = field(default_factory=list)  # one (gh, gw) bool per view
+    image: np.ndarray | None = None  # decoded RGB when it was decoded in this run
+    reused: bool = False
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_source(uri: str, storage: StorageConfig | None) -> bytes:
+    """The bytes of ``uri``; transient storage errors are retried here (3 attempts) and then
+    raised (for the task's retry); a missing or forbidden object raises at once."""
+    return with_storage_retries(lambda: read_bytes(uri, storage), what=f"read {uri}")
+
+
+def _read_one(item: SourceImage, storage: StorageConfig | None) -> tuple[bytes | None, str | None]:
+    try:
+        return read_source(item.uri, storage), None
+    except PERMANENT_ERRORS as exc:
+        reason = {
+            FileNotFoundError: "file disappeared before it could be read",
+            PermissionError: "permission denied",
+        }.get(type(exc), str(exc))
+        return None, f"{item.image_id}: cannot read {item.uri} ({reason})"
+
+
+def _decode(item: SourceImage, data: bytes) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return decode_image(data, item.image_id), None
+    except ImageDecodeError as exc:
+        return None, str(exc)
+
+
+def embed_sources(
+    items: Sequence[SourceImage],
+    store: EmbeddingStore,
+    model: Embedder,
+    *,
+    threads: int,
+    pool: ThreadPoolExecutor,
+    storage: StorageConfig | None = None,
+    keep_images: bool = False,
+    load_features: bool = True,
+) -> list[EmbeddedSource]:
+    """Make sure every item is in ``store``; returns one result per item, in input order.
+
+    Unreadable/undecodable images give an error result (never an exception). Transient storage
+    errors propagate (the caller's task retries; finished images are not redone).
+    ``keep_images`` keeps decoded pixels on the results; ``load_features=False`` only ensures
+    the store (results carry no features).
+    """
+    pin_threads(threads)
+    results = [EmbeddedSource(item) for item in items]
+    reads = list(pool.map(lambda it: _read_one(it, storage), items))
+    for res, (data, error) in zip(results, reads, strict=True):
+        if error is not None:
+            res.error = error
+        else:
+            res.content_sha256 = sha256_hex(data)
+            res.file_size = len(data)
+
+    def stored(res: EmbeddedSource) -> bool:
+        ids = res.item.store_ids(res.content_sha256)
+        return all(store.has(i, res.content_sha256) for i in ids)
+
+    todo = [r for r in results if r.ok]
+    have = list(pool.map(stored, todo))
+    compute = [r for r, h in zip(todo, have, strict=True) if not h]
+    reuse = [r for r, h in zip(todo, have, strict=True) if h]
+    for res in reuse:
+        res.reused = True
+
+    data_of = {id(r): d for r, (d, _) in zip(results, reads, strict=True)}
+    decoded = [pool.submit(_decode, r.item, data_of.pop(id(r))) for r in compute]
+
+    def load(res: EmbeddedSource) -> None:
+        ids = res.item.store_ids(res.content_sha256)
+        if not load_features:
+            res.image_size = tuple(store.attributes(ids[0])["image_size"])
+            return
+        for sid in ids:
+            entry = store.get(sid)
+            res.features.append(entry.features.astype(np.float32))
+            res.masks.append(entry.mask)
+            res.image_size = entry.image_size
+
+    loading = [pool.submit(load, r) for r in reuse]
+    _compute(compute, decoded, store, model, pool, keep_images, load_features)
+    for fut in loading:
+        fut.result()
+    return results
+
+
+def _compute(
+    compute: list[EmbeddedSource],
+    decoded: list[Future],
+    store: EmbeddingStore,
+    model: Embedder,
+    pool: ThreadPoolExecutor,
+    keep_images: bool,
+    load_features: bool,
+) -> None:
+    """Three phases, each using every core without competing with another: decode (pool) ->
+    embed in batches (``compute_lock()``, nothing else running) -> float16 + mask + put (pool).
+
+    On a small CPU the model's thread team slows down 2x when any other thread runs beside it,
+    so phases beat a pipeline; concurrent tasks (``runtime.concurrency``) can still overlap
+    storage latency with the model where storage is remote.
+    """
+    if not compute:
+        return
+    views: list[tuple[EmbeddedSource, int, np.ndarray]] = []  # (result, view index, pixels)
+    for res, fut in zip(compute, decoded, strict=True):
+        image, error = fut.result()
+        if error is not None:
+            res.error = error
+            continue
+        res.image_size = (int(image.shape[0]), int(image.shape[1]))
+        if keep_images:
+            res.image = image
+        angles = res.item.angles
+        n_views = 1 if angles is None else len(angles)
+        res.features = [None] * n_views  # type: ignore[list-item]
+        res.masks = [None] * n_views  # type: ignore[list-item]
+        for v in range(n_views):
+            views.append((res, v, image if angles is None else rotate_image(image, angles[v])))
+    batch = max(1, model.extractor.batch_size)
+    grids: list[np.ndarray] = []
+    with compute_lock():
+        for start in range(0, len(views), batch):
+            grids.extend(model.extractor.embed([px for _, _, px in views[start : start + batch]]))
+    writes = [
+        pool.submit(_finish_view, res, view, grid, store, model)
+        for (res, view, _), grid in zip(views, grids, strict=True)
+    ]
+    del views, grids
+    for fut in writes:
+        fut.result()
+    for res in compute:
+        if res.ok and not load_features:
+            res.features, res.masks = [], []
+
+
+def _finish_view(
+    res: EmbeddedSource, view: int, grid: np.ndarray, store: EmbeddingStore, model: Embedder
+) -> None:
+    """Round to float16, compute the foreground mask, store the view."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        half = grid.astype(np.float16)
+    if not np.isfinite(half).all():
+        res.error = f"{res.item.image_id}: features not finite in float16 (NaN/inf or overflow)"
+        return
+    widened = half.astype(np.float32)
+    with compute_lock():
+        mask = foreground_mask(widened, threshold=model.mask_threshold)
+    sid = res.item.store_ids(res.content_sha256)[view]
+    store.put(
+        EmbeddedImage(
+            image_id=sid,
+            source_uri=res.item.uri,
+            content_sha256=res.content_sha256,
+            image_size=res.image_size,
+            features=half,
+            mask=mask,
+        )
+    )
+    res.features[view] = widened
+    res.masks[view] = mask
+
+
+# ------------------------------------------------------------------------------ Prefect task
+
+
+@dataclass(frozen=True)
+class EmbedSummary:
+    """What an embedding task did (small: safe to return through any task runner)."""
+
+    image_ids: tuple[str, ...]
+    content_sha256: tuple[str | None, ...]
+    image_sizes: tuple[tuple[int, int] | None, ...]
+    file_sizes: tuple[int | None, ...]
+    reused: tuple[bool, ...]
+    errors: tuple[str | None, ...]
+    seconds: float
+
+    @property
+    def n_reused(self) -> int:
+        return sum(1 for r, e in zip(self.reused, self.errors, strict=True) if r and e is None)
+
+    @property
+    def n_computed(self) -> int:
+        return sum(1 for r, e in zip(self.reused, self.errors, strict=True) if not r and e is None)
+
+
+@task(
+    name="embed-images",
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=retry_on_storage_error,
+    cache_policy=NO_CACHE,
+)
+def embed_images(
+    items: list[SourceImage],
+    store_uri: str,
+    store_settings: dict,
+    model_settings,
+    threads: int,
+    io_threads: int,
+    storage_settings,
+) -> EmbedSummary:
+    """Ensure ``items`` are embedded in the store at ``store_uri``; no features come back."""
+    t0 = time.perf_counter()
+    storage = storage_settings.storage_config()
+    model = embedder(model_settings, storage)
+    store = EmbeddingStore.open(store_uri, store_settings, storage)
+    with ThreadPoolExecutor(io_threads, thread_name_prefix="embed-io") as pool:
+        results = embed_sources(
+            items, store, model, threads=threads, pool=pool, storage=storage, load_features=False
+        )
+    summary = EmbedSummary(
+        image_ids=tuple(r.item.image_id for r in results),
+        content_sha256=tuple(r.content_sha256 for r in results),
+        image_sizes=tuple(r.image_size for r in results),
+        file_sizes=tuple(r.file_size for r in results),
+        reused=tuple(r.reused for r in results),
+        errors=tuple(r.error for r in results),
+        seconds=time.perf_counter() - t0,
+    )
+    run_logger().info(
+        "embedded %d images (%d computed, %d reused, %d errors) in %.1fs",
+        len(results),
+        summary.n_computed,
+        summary.n_reused,
+        len(results) - summary.n_computed - summary.n_reused,
+        summary.seconds,
+    )
+    return summary

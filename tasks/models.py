@@ -1,0 +1,122 @@
+"""The backbone, loaded once per process and model settings, and what identifies its features.
+
+Thread counts are part of a run's settings, not of the machine it lands on: torch convolutions
+and BLAS reductions give bit-different results with different numbers of threads, so every task
+pins the count resolved once by the flow (``ModelContext.threads``).
+
+``compute_lock()``: one multi-threaded computation (a forward pass, a nearest-neighbour search, a
+mask's SVD) at a time per process. Two OpenMP/BLAS thread teams running at once on the same
+cores spin against each other and run 10-30x slower; the lock lets concurrent tasks overlap
+their I/O, decoding and encoding with the computation instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import faiss
+import torch
+
+from anomalydino_core.backbones import load_backbone
+from anomalydino_core.config import ModelSettings
+from anomalydino_core.features import PatchFeatureExtractor
+from tasks.storage import StorageConfig, atomic_write_bytes, read_bytes
+
+#: Version of how masks are computed at embedding time (stored with every embedding).
+MASK_RULE = "pca1-v1"
+
+
+_COMPUTE_LOCK = threading.RLock()
+
+
+def compute_lock() -> threading.RLock:
+    """The process-wide compute lock (a function, so that task functions pickled by value
+    for Dask do not try to pickle the lock itself)."""
+    return _COMPUTE_LOCK
+
+
+def pin_threads(threads: int) -> None:
+    """Use exactly ``threads`` threads for torch and faiss in this process (OpenCV: one per
+    call; the callers' thread pools give it its parallelism)."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    cv2.setNumThreads(1)
+
+
+def default_threads(model: ModelSettings) -> int:
+    """``model.threads`` or the torch default of this process (the physical cores)."""
+    return int(model.threads or torch.get_num_threads())
+
+
+@dataclass
+class Embedder:
+    """A ready extractor; forward passes run under ``compute_lock()``."""
+
+    extractor: PatchFeatureExtractor
+    settings: dict[str, Any]  # what the embedding store records (see ``feature_settings``)
+
+    @property
+    def key(self) -> str:
+        return feature_key(self.settings)
+
+    @property
+    def mask_threshold(self) -> float:
+        return float(self.extractor.backbone.spec.mask_threshold)
+
+
+def _fetch_remote(storage: StorageConfig | None):
+    def fetch(uri: str, dest: Path) -> None:
+        atomic_write_bytes(str(dest), read_bytes(uri, storage))
+
+    return fetch
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_embedder(model: ModelSettings, storage: StorageConfig | None) -> Embedder:
+    backbone = load_backbone(
+        model.backbone, weights=model.weights, fetch_remote=_fetch_remote(storage)
+    )
+    extractor = PatchFeatureExtractor(
+        backbone,
+        resolution=model.resolution,
+        precision=model.precision,
+        device=model.device,
+        batch_size=model.batch_size,
+    )
+    return Embedder(extractor, feature_settings(extractor))
+
+
+def embedder(model: ModelSettings, storage: StorageConfig | None = None) -> Embedder:
+    """The process-wide embedder for ``model`` (loaded on first use)."""
+    with _LOAD_LOCK:
+        return _cached_embedder(model, storage)
+
+
+def feature_settings(extractor: PatchFeatureExtractor) -> dict[str, Any]:
+    """Everything that determines a stored embedding: backbone identity, preprocessing,
+    precision, the feature dtype and the mask rule."""
+    settings = extractor.settings.to_dict()
+    settings.update(
+        feature_dtype="float16",
+        mask_rule=MASK_RULE,
+        mask_threshold=float(extractor.backbone.spec.mask_threshold),
+    )
+    return json.loads(json.dumps(settings, sort_keys=True))
+
+
+def feature_key(settings: dict[str, Any]) -> str:
+    """Readable, unique name of a feature setting: ``<backbone>-<resolution>-<precision>-<hash>``."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    resolution = settings["preprocess"]["resolution"]
+    return f"{settings['backbone']}-{resolution}-{settings['precision']}-{digest}"

@@ -1,0 +1,154 @@
+"""The audit flow for real: a Prefect server (test harness), real bottle images, real files.
+
+A small lot (2 good, 2 defective, plus an unreadable file, a truncated PNG and a zero-byte file)
+is audited against 3 references at 224 px with efficientnet_lite0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import zarr
+
+from flows.audit import audit_lot, nightly_audit
+from flows.config import PipelineConfig
+from flows.runtime import with_runner
+from tasks.embed import SourceImage, embed_images
+from tasks.embedding_store import EmbeddingStore
+from tasks.report import REPORT_SCHEMA
+from tests.flows.pipeline_data import fast_config, lot_files, reference_files, write_local
+
+pytestmark = pytest.mark.slow
+
+
+def make_root(base: Path, mvtec_root: Path, lots=("lot-1",)) -> Path:
+    root = base / "pipeline"
+    write_local(root / "references" / "bottle" / "v1", reference_files(mvtec_root))
+    for lot in lots:
+        write_local(root / "incoming" / "bottle" / lot, lot_files(mvtec_root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def audited(prefect_harness, mvtec_root, tmp_path_factory):
+    """The lot audited twice on the local runner: (config, first summary, second summary)."""
+    root = make_root(tmp_path_factory.mktemp("audit"), mvtec_root)
+    cfg = PipelineConfig.model_validate(fast_config(str(root)))
+    first = audit_lot("bottle", "lot-1", cfg)
+    second = audit_lot("bottle", "lot-1", cfg)
+    return cfg, first, second
+
+
+def scores(report_uri: str) -> pd.Series:
+    df = pd.read_parquet(report_uri)
+    return df.set_index("image_id")["score"]
+
+
+def test_report_rows_errors_and_verdicts(audited) -> None:
+    cfg, first, _ = audited
+    assert pq.read_schema(first.report_uri).remove_metadata() == REPORT_SCHEMA
+    df = pd.read_parquet(first.report_uri)
+    assert list(df["image_id"]) == sorted(df["image_id"])
+    assert len(df) == 7 and first.n_images == 7 and first.n_errors == 3
+    errors = df.set_index("image_id")["error"]
+    assert "not a recognised image format" in errors["unreadable.png"]
+    assert "cannot decode image" in errors["truncated.png"]
+    assert "empty file (0 bytes)" in errors["zero_bytes.png"]
+    bad = df[df["error"].notna()]
+    assert (bad["verdict"] == "error").all() and bad["score"].isna().all()
+    ok = df[df["error"].isna()].set_index("image_id")
+    assert ok["score"].notna().all() and (ok["embedding_reused"] == False).all()  # noqa: E712
+    assert list(ok.loc[["good/000.png", "good/001.png"], "verdict"]) == ["normal", "normal"]
+    assert list(ok.loc[["broken_large/000.png", "contamination/000.png"], "verdict"]) == [
+        "anomalous",
+        "anomalous",
+    ]
+    row = ok.loc["broken_large/000.png"]
+    assert row["threshold_source"] == "reference_loo" and row["threshold"] > 0
+    assert (row["method"], row["backbone"], row["resolution"]) == (
+        "few_shot",
+        "efficientnet_lite0",
+        224,
+    )
+    assert len(row["weights_sha256"]) == 64 and len(row["content_sha256"]) == 64
+    assert (row["shots"], row["reference_version"]) == (3, "v1")
+    assert (row["image_height"], row["image_width"]) == (900, 900)
+    assert 0 <= row["max_patch_y"] < 900 and 0 <= row["max_patch_x"] < 900
+    assert row["file_size_bytes"] > 0 and row["run_id"] == first.run_id
+    assert row["run_started_at"] <= row["scored_at"]
+
+
+def test_maps_and_overlays(audited) -> None:
+    cfg, first, _ = audited
+    df = pd.read_parquet(first.report_uri).set_index("image_id")
+    group = zarr.open_group(first.maps_uri, mode="r")
+    for image_id in ("good/000.png", "broken_large/000.png"):
+        arr = zarr.open_array(df.loc[image_id, "map_uri"], mode="r")
+        assert arr.dtype == np.float16 and arr.shape == (900, 900)
+        assert arr.attrs["image_id"] == image_id and arr.attrs["complete"] is True
+    assert len(list(group["maps"].arrays())) == 4
+    flagged = df[df["verdict"] == "anomalous"]
+    assert len(flagged) == 2 and flagged["overlay_uri"].notna().all()
+    assert pd.isna(df.loc["good/000.png", "overlay_uri"])
+    png = cv2.imread(flagged["overlay_uri"].iloc[0])
+    assert png is not None and png.shape == (900, 900, 3)
+
+
+def test_second_run_reuses_every_embedding_with_identical_scores(audited) -> None:
+    cfg, first, second = audited
+    assert (first.n_computed, first.n_reused) == (4, 0)
+    assert (second.n_computed, second.n_reused) == (4 - 4, 4)
+    assert second.report_uri != first.report_uri and Path(first.report_uri).exists()
+    pd.testing.assert_series_equal(scores(first.report_uri), scores(second.report_uri))
+
+
+def test_interrupted_run_resumes(audited, tmp_path: Path, mvtec_root) -> None:
+    """Half of a lot embedded by a run that then died: the next run only embeds the rest."""
+    _, first, _ = audited
+    root = make_root(tmp_path, mvtec_root)
+    cfg = PipelineConfig.model_validate(fast_config(str(root)))
+    lot = root / "incoming" / "bottle" / "lot-1"
+    done = [
+        SourceImage(rel, str(lot / rel), f"lots/lot-1/{rel}")
+        for rel in ("broken_large/000.png", "good/000.png")
+    ]
+    feature_key = Path(first.embeddings_uri).name.removesuffix(".zarr")
+    store_uri = cfg.layout().embeddings("bottle", feature_key)
+    assert not Path(store_uri).exists()
+    settings = EmbeddingStore.open(first.embeddings_uri, None).settings
+    embed_images.fn(done, store_uri, settings, cfg.model, 2, 2, cfg.storage)
+    resumed = audit_lot("bottle", "lot-1", cfg)
+    assert (resumed.n_reused, resumed.n_computed) == (2, 2)
+    pd.testing.assert_series_equal(scores(first.report_uri), scores(resumed.report_uri))
+
+
+def test_dask_local_cluster_gives_exactly_the_local_scores(audited, tmp_path, mvtec_root) -> None:
+    _, first, _ = audited
+    root = make_root(tmp_path, mvtec_root)
+    cfg = PipelineConfig.model_validate(fast_config(str(root), dask_workers=2))
+    summary = with_runner(audit_lot, cfg.runtime)("bottle", "lot-1", cfg)
+    assert summary.runner.startswith("dask") and summary.n_computed == 4
+    local, dask = pd.read_parquet(first.report_uri), pd.read_parquet(summary.report_uri)
+    cols = ["image_id", "score", "verdict", "max_patch_row", "max_patch_col", "error"]
+    pd.testing.assert_frame_equal(local[cols], dask[cols])
+    assert local["threshold"].iloc[0] == dask["threshold"].iloc[0]
+    for image_id in ("good/000.png", "broken_large/000.png"):
+        a = zarr.open_array(local.set_index("image_id").loc[image_id, "map_uri"], mode="r")[...]
+        b = zarr.open_array(dask.set_index("image_id").loc[image_id, "map_uri"], mode="r")[...]
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nightly_audits_only_lots_without_report(prefect_harness, tmp_path, mvtec_root) -> None:
+    root = make_root(tmp_path, mvtec_root, lots=("lot-1", "lot-2"))
+    (root / "incoming" / "bottle" / "lot-3").mkdir()  # an empty lot: a report with no rows
+    cfg = PipelineConfig.model_validate(fast_config(str(root)))
+    audit_lot("bottle", "lot-1", cfg)
+    done = nightly_audit(cfg)
+    assert sorted(s.lot for s in done) == ["lot-2", "lot-3"]
+    assert [s.n_images for s in sorted(done, key=lambda s: s.lot)] == [7, 0]
+    assert nightly_audit(cfg) == []  # nothing new the next night
