@@ -13,6 +13,7 @@ import pandas as pd
 
 from .augment import AGNOSTIC_ANGLES, rotate_image
 from .backbones import load_backbone
+from .backbones.weights import RemoteFetcher
 from .config import ModelSettings, Preprocess, ScoringSettings
 from .datasets import INFORMED_SETTINGS, MVTecCategory, TestItem, load_mvtec_category
 from .features import PatchFeatureExtractor
@@ -104,8 +105,13 @@ def _read_test_images(
     return items, images, errors
 
 
-def run_evaluation(request: EvaluationRequest, log: Log | None = None) -> pd.DataFrame:
-    """Evaluate one category; returns one row per shots x seed with every metric."""
+def run_evaluation(
+    request: EvaluationRequest, log: Log | None = None, fetch_remote: RemoteFetcher | None = None
+) -> pd.DataFrame:
+    """Evaluate one category; returns one row per shots x seed with every metric.
+
+    ``fetch_remote`` downloads weights given as a URI (supplied by the I/O layer).
+    """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     category = load_mvtec_category(request.data, request.category)
     model, scoring = request.model, request.scoring
@@ -115,7 +121,7 @@ def run_evaluation(request: EvaluationRequest, log: Log | None = None) -> pd.Dat
 
         torch.set_num_threads(model.threads)
 
-    backbone = load_backbone(model.backbone, weights=model.weights)
+    backbone = load_backbone(model.backbone, weights=model.weights, fetch_remote=fetch_remote)
     if model.backbone == "auto":
         log(
             f"backbone=auto resolved to {backbone.identity.name} ({backbone.identity.weights_source})"

@@ -48,6 +48,18 @@ def _model_settings(args):
     )
 
 
+def _check_weights(model) -> None:
+    """Resolve a named backbone's weights up front (``auto`` falls back later, with a warning)."""
+    if model.backbone == "auto":
+        return
+    from anomalydino_core.backbones import get_backbone_spec, resolve_weights
+    from tasks.models import remote_fetcher
+
+    resolve_weights(
+        get_backbone_spec(model.backbone), model.weights, fetch_remote=remote_fetcher(None)
+    )
+
+
 def _evaluate(args) -> int:
     from anomalydino_core.backbones import WeightsUnavailableError
     from anomalydino_core.config import ScoringSettings
@@ -72,10 +84,11 @@ def _evaluate(args) -> int:
             memory_budget_gb=args.memory_budget_gb,
         ),
     )
-    from flows.evaluate import evaluate
-
     t0 = time.perf_counter()
     try:
+        _check_weights(request.model)  # fail in seconds, before a Prefect server is started
+        from flows.evaluate import evaluate
+
         df = evaluate(request)  # a flow run
     except WeightsUnavailableError as exc:
         print(f"error: {exc}", file=sys.stderr)

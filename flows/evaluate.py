@@ -7,6 +7,7 @@ from prefect import flow
 
 from anomalydino_core.evaluation import EvaluationRequest, run_evaluation, summary_table
 from flows.runtime import artifact_key, publish_markdown
+from tasks.models import remote_fetcher
 from tasks.retry import run_logger
 
 
@@ -14,6 +15,6 @@ from tasks.retry import run_logger
 def evaluate(request: EvaluationRequest) -> pd.DataFrame:
     """Evaluate one category (k-shot x seeds, or zero-shot); one row per shots x seed."""
     log = run_logger()
-    df = run_evaluation(request, log=log.info)
+    df = run_evaluation(request, log=log.info, fetch_remote=remote_fetcher(None))
     publish_markdown(summary_table(df), artifact_key("evaluate", request.category), "evaluation")
     return df

@@ -72,7 +72,9 @@ class Embedder:
         return float(self.extractor.backbone.spec.mask_threshold)
 
 
-def _fetch_remote(storage: StorageConfig | None):
+def remote_fetcher(storage: StorageConfig | None):
+    """Download weights given as a URI (s3://, https://, ...) through the storage layer."""
+
     def fetch(uri: str, dest: Path) -> None:
         atomic_write_bytes(str(dest), read_bytes(uri, storage))
 
@@ -85,7 +87,7 @@ _LOAD_LOCK = threading.Lock()
 @functools.lru_cache(maxsize=4)
 def _cached_embedder(model: ModelSettings, storage: StorageConfig | None) -> Embedder:
     backbone = load_backbone(
-        model.backbone, weights=model.weights, fetch_remote=_fetch_remote(storage)
+        model.backbone, weights=model.weights, fetch_remote=remote_fetcher(storage)
     )
     extractor = PatchFeatureExtractor(
         backbone,

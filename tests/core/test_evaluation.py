@@ -102,3 +102,32 @@ def test_cli_reports_bad_files_by_name_and_goes_on(mvtec_root, tmp_path):
     md = (out / "metrics.md").read_text()
     assert "| 1 | 2 |" in md and "image_auroc" in md
     assert "image_auroc" in proc.stdout
+
+
+def test_cli_without_dinov2_weights_fails_fast_with_one_message(mvtec_root, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ANOMALYDINO_WEIGHTS_DIR=str(tmp_path))
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "evaluate",
+        "--data",
+        str(mvtec_root),
+        "--category",
+        "bottle",
+        "--shots",
+        "1",
+        "--seeds",
+        "0",
+        "--backbone",
+        "dinov2_vits14",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=60, cwd=Path(__file__).parents[2]
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--weights" in errors[0] and str(tmp_path) in errors[0]
+    assert not (tmp_path / "out").exists()
