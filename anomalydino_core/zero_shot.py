@@ -72,8 +72,6 @@ Precision = Literal["fp32", "bf16"]
 DEFAULT_ALPHA = 0.001
 #: Largest tile of the (query x bank) product, in elements (32 MiB in bf16).
 MAX_TILE_ELEMENTS = 2**24
-#: Largest bank block, in rows.
-MAX_BANK_BLOCK = 8192
 _ALIGN = 64  # block sizes are multiples of this (largest screening group size)
 _SHIFT = 2.0**-6  # v = cos - 1 - _SHIFT < 0 strictly, also after bf16 rounding of the inputs
 _LOW = -4.0  # below every possible v (>= -2 - _SHIFT); thresholds are clamped to it

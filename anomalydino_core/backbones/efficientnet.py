@@ -82,6 +82,6 @@ register_backbone(
         ),
         mask_threshold=0.0,
         channels_last=True,
-        auto_bf16=False,
+        auto_bf16=True,
     )
 )
