@@ -34,14 +34,15 @@ dense computation up to the float rounding of the matmul.
   columns), which halves the matmul work when all images are scored together; the rest of the
   bank (other images, masked patches) in (query block x bank block) tiles. Own-image entries
   (Eq. 5) are set to -inf in every tile.
-- Memory (``memory_budget_bytes`` = B; s = 4 bytes for fp32, 2 for bf16; C' = C + 1; P = all
-  patches): the bank cache (P * C' * s bytes) is kept when <= 0.4 B, else bank rows are re-read
-  from the feature source for every query group; tiles have E = min(2**24, 0.2 B / (s + 2))
-  elements (blocks of floor64(sqrt(E)) rows, at least 64 and at least 4k columns), plus
-  screening arrays of at most about E * s / 2 bytes; query rows are processed in groups of
-  (B - bank cache - E * (s + 2)) / (8k + 16 + C' * s) rows (tail buffer, the query rows
-  themselves), at least one block. Budget and plan cover the scorer's working memory, not the
-  caller's features or the Python/torch runtime.
+- Memory: of the budget ``memory_budget_bytes``, B = 80 % is planned for (the rest covers
+  transients and allocator slack); s = 4 bytes (fp32) or 2 (bf16), C' = C + 1, P = all patches.
+  The bank cache (P * C' * s bytes) is kept when <= 0.4 B, else bank rows are re-read from the
+  feature source for every query group. Tiles have E = min(2**24, 0.2 B / (s + 2)) elements
+  (square blocks of floor64(sqrt(E)) rows, at least 64 and at least 4k) plus screening arrays.
+  Query rows are processed in groups of (B - bank cache - E * (s + 2)) / ((2k + 2) * s + 8 +
+  C' * s) rows (the tail buffer holds 2k + 1 keys of s bytes per row, plus the query row itself),
+  at least one block. The budget covers the scorer's working memory, not the caller's features
+  or the Python/torch runtime.
 
 bf16 (``precision="bf16"``): bf16 inputs, fp32 accumulation, bf16 products (on CPU, torch has no
 bf16 matmul with an fp32 result), i.e. v rounded to 8 significant bits. The rounding creates ties
@@ -77,6 +78,7 @@ _SHIFT = 2.0**-6  # v = cos - 1 - _SHIFT < 0 strictly, also after bf16 rounding 
 _LOW = -4.0  # below every possible v (>= -2 - _SHIFT); thresholds are clamped to it
 _SKIP = -0.0  # a threshold no (negative) value passes
 _CAP_FACTOR = 2.0  # tail buffer width, in units of k
+_PLANNED = 0.8  # share of the memory budget planned for; the rest: transients, allocator slack
 
 
 @dataclass(frozen=True)
@@ -292,18 +294,26 @@ class _Bank:
 
 
 class _TailBuffer:
-    """Per query row, a buffer of ``2k`` values keeping the k largest v = -d - shift so far."""
+    """Per query row, a buffer of 2k + 1 keys keeping the k largest v = -(d + shift) so far.
 
-    def __init__(self, rows: int, k: int, device: torch.device) -> None:
+    Values are kept as the integer keys of the tile dtype (see ``_screen``: a smaller key is a
+    larger value), so bf16 buffers take 2 bytes per value and need no conversion.
+    """
+
+    def __init__(self, rows: int, k: int, dtype: torch.dtype, device: torch.device) -> None:
         self.k = k
         self.cap = int(_CAP_FACTOR * k) + 1
-        self.vals = torch.full((rows, self.cap), -math.inf, dtype=torch.float32, device=device)
+        self.dtype = dtype
+        key_dtype = _key_dtype(dtype)
+        #: the key of -inf: the largest (worst) key, marks empty slots and missing thresholds
+        self.empty = int(torch.tensor(-math.inf, dtype=dtype).view(key_dtype))
+        self.keys = torch.full((rows, self.cap), self.empty, dtype=key_dtype, device=device)
         self.count = torch.zeros(rows, dtype=torch.int64, device=device)
-        #: a lower bound of each row's final k-th largest v; -inf until k values were seen
-        self.thr = torch.full((rows,), -math.inf, dtype=torch.float32, device=device)
+        #: key of a lower bound of each row's final k-th largest v; ``empty`` until k values
+        self.thr = torch.full((rows,), self.empty, dtype=key_dtype, device=device)
 
-    def insert(self, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """Add candidate ``values`` (float32) of buffer ``rows`` (ascending)."""
+    def insert(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
+        """Add candidate ``keys`` of buffer ``rows`` (ascending)."""
         if rows.numel() == 0:
             return
         uniq, counts = torch.unique_consecutive(rows, return_counts=True)
@@ -311,48 +321,52 @@ class _TailBuffer:
         rank = torch.arange(rows.numel(), device=rows.device) - torch.repeat_interleave(
             starts, counts
         )
-        base = self.count[uniq]
+        base = self.count.index_select(0, uniq)
         # append where there is room; rows without a threshold yet are compacted to get one
-        fits = (base + counts <= self.cap) & torch.isfinite(self.thr[uniq])
+        fits = (base + counts <= self.cap) & (self.thr.index_select(0, uniq) != self.empty)
+        slot = rows * self.cap + torch.repeat_interleave(base, counts) + rank
         if bool(fits.all()):
-            slot = rows * self.cap + torch.repeat_interleave(base, counts) + rank
-            self.vals.view(-1)[slot] = values
-            self.count[uniq] += counts
+            self.keys.view(-1).index_copy_(0, slot, keys)
+            self.count.index_add_(0, uniq, counts)
             return
         fits_each = torch.repeat_interleave(fits, counts)
         if bool(fits.any()):
-            slot = rows * self.cap + torch.repeat_interleave(base, counts) + rank
-            self.vals.view(-1)[slot[fits_each]] = values[fits_each]
-            self.count[uniq[fits]] += counts[fits]
+            self.keys.view(-1).index_copy_(0, slot[fits_each], keys[fits_each])
+            self.count.index_add_(0, uniq[fits], counts[fits])
         over = ~fits
-        self._compact(uniq[over], counts[over], values[~fits_each], rank[~fits_each])
+        self._compact(uniq[over], counts[over], keys[~fits_each], rank[~fits_each])
 
     def _compact(
-        self, rows: torch.Tensor, counts: torch.Tensor, values: torch.Tensor, rank: torch.Tensor
+        self, rows: torch.Tensor, counts: torch.Tensor, keys: torch.Tensor, rank: torch.Tensor
     ) -> None:
-        """Replace the buffers of ``rows`` by the top k of buffer + candidates."""
-        row_of = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), counts)
+        """Replace the buffers of ``rows`` by the k best of buffer + candidates."""
+        device = rows.device
+        row_of = torch.repeat_interleave(torch.arange(rows.numel(), device=device), counts)
         bucket = torch.ceil(torch.log2(counts.to(torch.float64))).to(torch.int64)
         for b in torch.unique(bucket).tolist():
             sel = bucket == b  # rows whose candidate count is in (2^(b-1), 2^b]
             sel_idx = torch.nonzero(sel).squeeze(1)
             local = torch.full_like(sel, -1, dtype=torch.int64)
-            local[sel_idx] = torch.arange(sel_idx.numel(), device=rows.device)
-            pick = sel[row_of]
-            pad = torch.full((sel_idx.numel(), 1 << b), -math.inf, device=rows.device)
-            pad[local[row_of[pick]], rank[pick]] = values[pick]
+            local[sel_idx] = torch.arange(sel_idx.numel(), device=device)
+            pick = torch.nonzero(sel[row_of]).squeeze(1)
+            width = 1 << b
+            pad = torch.full((sel_idx.numel(), width), self.empty, dtype=keys.dtype, device=device)
+            slot = local[row_of[pick]] * width + rank[pick]
+            pad.view(-1).index_copy_(0, slot, keys[pick])
             r = rows[sel_idx]
-            merged = torch.cat([self.vals[r], pad], dim=1)
-            top = torch.topk(merged, self.k, dim=1, sorted=False).values
-            self.vals[r, : self.k] = top
-            self.vals[r, self.k :] = -math.inf
-            self.count[r] = self.k
-            self.thr[r] = top.amin(dim=1)
+            merged = torch.cat([self.keys.index_select(0, r), pad], dim=1)
+            top = torch.topk(merged, self.k, dim=1, largest=False, sorted=False).values
+            merged[:, : self.k] = top
+            merged[:, self.k : self.cap] = self.empty
+            self.keys.index_copy_(0, r, merged[:, : self.cap])
+            self.count.index_fill_(0, r, self.k)
+            self.thr.index_copy_(0, r, top.amax(dim=1))
 
     def smallest_distances(self, start: int, stop: int) -> np.ndarray:
         """The k smallest distances of rows ``start .. stop``, ascending (float64)."""
-        top = torch.topk(self.vals[start:stop], self.k, dim=1, sorted=True).values
-        return -top.cpu().numpy().astype(np.float64) - _SHIFT
+        top = torch.topk(self.keys[start:stop], self.k, dim=1, largest=False, sorted=True)
+        v = top.values.view(self.dtype).float().cpu().numpy().astype(np.float64)
+        return -v - _SHIFT
 
 
 def _key_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -360,17 +374,19 @@ def _key_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _group_keys(keys: torch.Tensor, axis: int, group: int) -> torch.Tensor:
-    """(queries, groups) min key over ``group`` strided bank positions (along tile ``axis``).
+    """Min key over ``group`` strided bank positions along tile ``axis``; the queries stay on
+    the other axis: (queries, groups) for axis 1, (groups, queries) for axis 0.
 
     Bank position p is in group p mod (length / group): the reduction runs over a middle or
     outer dimension, contiguous in memory, which vectorises well.
     """
+    if group == 1:
+        return keys
     if axis == 1:
         n_q, length = keys.shape
-        return keys.view(n_q, group, length // group).amin(dim=1) if group > 1 else keys
+        return keys.view(n_q, group, length // group).amin(dim=1)
     length, n_q = keys.shape
-    gk = keys.view(group, length // group, n_q).amin(dim=0) if group > 1 else keys
-    return gk.t().contiguous()
+    return keys.view(group, length // group, n_q).amin(dim=0)
 
 
 def _screen(
@@ -385,16 +401,23 @@ def _screen(
     """
     width = keys.shape[1]
     gk = _group_keys(keys, axis, group)
-    g_len = gk.shape[1]
-    hit = torch.nonzero((gk < limit[:, None]).view(-1)).squeeze(1)
+    # queries along columns: transpose the (small) mask to get the hits grouped by query
+    hit_mask = gk < limit[:, None] if axis == 1 else (gk < limit[None, :]).t().contiguous()
+    g_len = hit_mask.shape[1]
+    hit = torch.nonzero(hit_mask.view(-1)).squeeze(1)
     if hit.numel() == 0:
         return hit, keys.new_empty(0)
     q = torch.div(hit, g_len, rounding_mode="floor")
-    pos = (hit - q * g_len)[:, None] + torch.arange(0, group * g_len, g_len, device=keys.device)
-    flat = q[:, None] * width + pos if axis == 1 else pos * width + q[:, None]
+    if axis == 1:  # member j of group (q, p): tile[q, p + j * g_len]
+        base = hit + q * (width - g_len)
+        step = g_len
+    else:  # member j of group (q, p): tile[p + j * g_len, q]
+        base = (hit - q * g_len) * width + q
+        step = g_len * width
+    flat = base[:, None] + torch.arange(0, group * step, step, device=keys.device)
     cand = torch.take(keys, flat)  # (hits, group)
     p = torch.nonzero((cand < limit.index_select(0, q)[:, None]).view(-1)).squeeze(1)
-    return q[torch.div(p, group, rounding_mode="floor")], cand.view(-1)[p]
+    return q.index_select(0, torch.div(p, group, rounding_mode="floor")), cand.view(-1)[p]
 
 
 def _provisional(keys: torch.Tensor, axis: int, k: int) -> torch.Tensor:
@@ -411,7 +434,8 @@ def _provisional(keys: torch.Tensor, axis: int, k: int) -> torch.Tensor:
     if length // group < k:
         return torch.full((n_q,), int(low) + 1, dtype=keys.dtype, device=keys.device)
     gk = _group_keys(keys, axis, group)
-    kth = torch.topk(gk, k, dim=1, largest=False, sorted=False).values.amax(dim=1)
+    dim = 1 if axis == 1 else 0
+    kth = torch.topk(gk, k, dim=dim, largest=False, sorted=False).values.amax(dim=dim)
     return torch.minimum(kth, low.to(keys.device)) + 1  # -inf (too few values) -> -4; "<="
 
 
@@ -444,29 +468,25 @@ def _update(
     ``seen``: bank entries these queries have already been compared with (for the group size).
     """
     length, n_q = keys.shape[axis], keys.shape[1 - axis]
-    dtype = _dtype_of_keys(keys)
     k = buffer.k
     thr = buffer.thr[first : first + valid]
-    fresh = torch.isinf(thr)  # no k values yet: a threshold from this tile
+    fresh = thr == buffer.empty  # no k values yet: a threshold from this tile
     n_fresh = int(fresh.sum())
-    skip = torch.tensor(_SKIP, dtype=dtype).view(keys.dtype).to(keys.device)
-    pad = skip.expand(n_q - valid)
+    skip = torch.tensor(_SKIP, dtype=buffer.dtype).view(keys.dtype).to(keys.device)
     if n_fresh:
         t0 = _provisional(keys, axis, k)
         if n_fresh < valid:
             t0[:valid] = torch.where(fresh, t0[:valid], skip)
         t0[valid:] = skip
         q, cand = _screen(keys, axis, _group_size(length, 1.2 * k), t0)
-        buffer.insert(q + first, cand.view(dtype).float())
+        buffer.insert(q + first, cand)
     if n_fresh < valid:
         # strictly above the k-th largest: values equal to it cannot change the top-k multiset
-        t = thr.to(dtype).view(keys.dtype)  # exact: thresholds are tile values or -4
-        if n_fresh:
-            t = torch.where(fresh, skip, t)
-        t = torch.cat([t, pad]) if n_q > valid else t
+        t = torch.where(fresh, skip, thr) if n_fresh else thr
+        t = torch.cat([t, skip.expand(n_q - valid)]) if n_q > valid else t
         group = _group_size(length, 1.5 * k * length / max(seen, length))
         q, cand = _screen(keys, axis, group, t)
-        buffer.insert(q + first, cand.view(dtype).float())
+        buffer.insert(q + first, cand)
 
 
 @dataclass(frozen=True)
@@ -478,8 +498,8 @@ class _Plan:
 
 
 def _plan(config: MutualScoringConfig, total: int, query_rows: int, dim: int, k: int) -> _Plan:
-    s = 2 if config.precision == "bf16" else 4
-    budget = config.memory_budget_bytes
+    s = 2 if config.precision == "bf16" else 4  # bytes per tile value, per buffered key
+    budget = _PLANNED * config.memory_budget_bytes
     bank_bytes = total * (dim + 1) * s
     cache_bank = bank_bytes <= 0.4 * budget
     elements = int(min(MAX_TILE_ELEMENTS, 0.2 * budget / (s + 2)))
@@ -487,7 +507,7 @@ def _plan(config: MutualScoringConfig, total: int, query_rows: int, dim: int, k:
     side = max(_ALIGN, math.isqrt(elements) // _ALIGN * _ALIGN, _round_up(4 * k, _ALIGN))
     query_block = config.query_block_rows or side
     bank_block = config.bank_block_rows or side
-    per_row = 8 * k + 16 + (dim + 1) * s  # tail buffer (2k fp32) and the query row
+    per_row = (int(_CAP_FACTOR * k) + 2) * s + 8 + (dim + 1) * s  # tail buffer, query row
     left = budget - (bank_bytes if cache_bank else 0) - elements * (s + 2)
     group_rows = max(query_block, int(left // per_row) // query_block * query_block)
     group_rows = min(group_rows, _round_up(max(query_rows, 1), query_block))
@@ -616,7 +636,7 @@ def _tail_buffer(
     rest_image = np.searchsorted(bank.offsets, rest, side="right") - 1
     span = {img: (start, stop) for start, stop, img in query_runs}
 
-    buffer = _TailBuffer(n, k, device)
+    buffer = _TailBuffer(n, k, dtype, device)
     blocks = [(a, min(n, a + qb)) for a in range(0, n, qb)]
     block_runs = [[run for run in query_runs if run[0] < r1 and run[1] > r0] for r0, r1 in blocks]
     seen = [0] * len(blocks)
