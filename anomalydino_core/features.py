@@ -104,6 +104,8 @@ class PatchFeatureExtractor:
         )
         self.preprocess = backbone.preprocess(resolution)
         self.batch_size = max(1, int(batch_size))
+        if self.device.type == "cpu" and backbone.spec.cpu_batch_size:
+            self.batch_size = min(self.batch_size, backbone.spec.cpu_batch_size)
         self.channels_last = backbone.spec.channels_last
         self.module = backbone.module.to(self.device)
         if self.channels_last:

@@ -84,6 +84,7 @@ class BackboneSpec:
     mask_threshold: float = 10.0  # PCA foreground threshold (METHOD.md section 2)
     channels_last: bool = False  # convolutional nets run faster in NHWC on CPU
     auto_bf16: bool = True  # precision="auto" picks bf16 where the hardware has it
+    cpu_batch_size: int | None = None  # cap on the batch size on CPU (None: as configured)
 
     def preprocess(self, resolution: int) -> PreprocessConfig:
         return PreprocessConfig(
