@@ -34,7 +34,7 @@ dense computation up to the float rounding of the matmul.
   columns), which halves the matmul work when all images are scored together; the rest of the
   bank (other images, masked patches) in (query block x bank block) tiles. Own-image entries
   (Eq. 5) are set to -inf in every tile.
-- Memory: of the budget ``memory_budget_bytes``, B = 80 % is planned for (the rest covers
+- Memory: of the budget ``memory_budget_bytes``, B = 50 % is planned for (the rest covers
   transients and allocator slack); s = 4 bytes (fp32) or 2 (bf16), C' = C + 1, P = all patches.
   The bank cache (P * C' * s bytes) is kept when <= 0.4 B, else bank rows are re-read from the
   feature source for every query group. Tiles have E = min(2**24, 0.2 B / (s + 2)) elements
@@ -78,7 +78,7 @@ _SHIFT = 2.0**-6  # v = cos - 1 - _SHIFT < 0 strictly, also after bf16 rounding 
 _LOW = -4.0  # below every possible v (>= -2 - _SHIFT); thresholds are clamped to it
 _SKIP = -0.0  # a threshold no (negative) value passes
 _CAP_FACTOR = 2.0  # tail buffer width, in units of k
-_PLANNED = 0.8  # share of the memory budget planned for; the rest: transients, allocator slack
+_PLANNED = 0.5  # share of the budget planned for; the rest: transients, allocator slack, runtime
 
 
 @dataclass(frozen=True)
