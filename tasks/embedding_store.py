@@ -41,6 +41,22 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 NOT_FOUND_ERRORS = (GroupNotFoundError, NodeNotFoundError, FileNotFoundError, KeyError)
 
 
+def complete_ids(store: Any, path: str, *, groups: bool) -> list[str]:
+    """Sorted ``image_id`` of the complete entries (groups or arrays) under ``path``."""
+    try:
+        parent = zarr.open_group(store, path=path, mode="r")
+    except NOT_FOUND_ERRORS:
+        return []
+    with warnings.catch_warnings():  # entries being written have no metadata yet
+        warnings.filterwarnings("ignore", "Object at .* is not recognized", UserWarning)
+        nodes = list(parent.groups() if groups else parent.arrays())
+    return sorted(
+        node.attrs["image_id"]
+        for _, node in nodes
+        if node.attrs.get("complete") is True and isinstance(node.attrs.get("image_id"), str)
+    )
+
+
 class StoreSettingsError(ValueError):
     """A store was opened with settings (or of a kind) other than it was created with."""
 
@@ -283,19 +299,7 @@ class EmbeddingStore:
 
     def ids(self) -> list[str]:
         """Sorted ids of all complete images."""
-        try:
-            images = zarr.open_group(self._store, path="images", mode="r")
-        except NOT_FOUND_ERRORS:
-            return []
-        out = []
-        with warnings.catch_warnings():  # entries being written have no metadata yet
-            warnings.filterwarnings("ignore", "Object at .* is not recognized", UserWarning)
-            nodes = list(images.groups())
-        for _, group in nodes:
-            attrs = group.attrs
-            if attrs.get("complete") is True and isinstance(attrs.get("image_id"), str):
-                out.append(attrs["image_id"])
-        return sorted(out)
+        return complete_ids(self._store, "images", groups=True)
 
     def __len__(self) -> int:
         return len(self.ids())

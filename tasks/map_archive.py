@@ -13,7 +13,6 @@ array metadata (last); a partial write is ignored by readers and overwritten by 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from tasks.embedding_store import NOT_FOUND_ERRORS, image_key, open_root
+from tasks.embedding_store import NOT_FOUND_ERRORS, complete_ids, image_key, open_root
 from tasks.storage import StorageConfig, atomic_write_bytes
 
 MAP_ARCHIVE_KIND = "anomaly_map_archive"
@@ -147,19 +146,7 @@ class MapArchive:
 
     def ids(self) -> list[str]:
         """Sorted ids of all complete maps."""
-        try:
-            maps = zarr.open_group(self._store, path="maps", mode="r")
-        except NOT_FOUND_ERRORS:
-            return []
-        out = []
-        with warnings.catch_warnings():  # entries being written have no metadata yet
-            warnings.filterwarnings("ignore", "Object at .* is not recognized", UserWarning)
-            nodes = list(maps.arrays())
-        for _, arr in nodes:
-            attrs = arr.attrs
-            if attrs.get("complete") is True and isinstance(attrs.get("image_id"), str):
-                out.append(attrs["image_id"])
-        return sorted(out)
+        return complete_ids(self._store, "maps", groups=False)
 
     def __len__(self) -> int:
         return len(self.ids())
