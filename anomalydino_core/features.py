@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .allocator import keep_freed_memory
 from .backbones import LoadedBackbone, PreprocessConfig
 
 Precision = Literal["auto", "fp32", "bf16"]
@@ -107,6 +108,8 @@ class PatchFeatureExtractor:
         if self.device.type == "cpu" and backbone.spec.cpu_batch_size:
             self.batch_size = min(self.batch_size, backbone.spec.cpu_batch_size)
         self.channels_last = backbone.spec.channels_last
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.module = backbone.module.to(self.device)
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from . import vit_cpu
 from .registry import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, WeightsSpec, register_backbone
 
 _OFFICIAL_URL = "https://dl.fbaipublicfiles.com/dinov2/{arch}/{arch}{reg}_pretrain.pth"
@@ -22,16 +23,28 @@ class DinoV2PatchEncoder(torch.nn.Module):
     The position embedding (trained at 37 x 37) is resampled exactly as the official hub model
     does: bicubic, ``scale_factor=(g + offset) / 37`` for offset 0.1, or ``size=g`` with
     antialiasing for the register variants (offset 0).
+
+    On CPU under bf16 autocast the blocks run through :mod:`.vit_cpu` (about twice as fast);
+    ``cpu_bf16_blocks=False`` keeps timm's own blocks there too.
     """
 
     patch_size = 14
 
-    def __init__(self, vit: VisionTransformer, *, interpolate_offset: float, antialias: bool):
+    def __init__(
+        self,
+        vit: VisionTransformer,
+        *,
+        interpolate_offset: float,
+        antialias: bool,
+        cpu_bf16_blocks: bool = True,
+    ):
         super().__init__()
         self.vit = vit
         self.interpolate_offset = interpolate_offset
         self.antialias = antialias
         self.vit._pos_embed = self._pos_embed  # type: ignore[method-assign]
+        self.cpu_bf16_blocks = cpu_bf16_blocks and vit_cpu.supports(vit)
+        self._bf16_blocks = vit_cpu.Bf16CpuBlocks(vit) if self.cpu_bf16_blocks else None
 
     def load_official_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load an official DINOv2 checkpoint (or timm-format weights) strictly."""
@@ -82,9 +95,22 @@ class DinoV2PatchEncoder(torch.nn.Module):
         batch, _, height, width = x.shape
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"input {height}x{width} is not a multiple of {self.patch_size}")
-        tokens = self.vit.forward_features(x)
+        if self._bf16_blocks is not None and _cpu_bf16_autocast(x):
+            vit = self.vit
+            tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+            tokens = vit.norm(self._bf16_blocks(tokens))
+        else:
+            tokens = self.vit.forward_features(x)
         patches = tokens[:, self.vit.num_prefix_tokens :]
         return patches.reshape(batch, height // self.patch_size, width // self.patch_size, -1)
+
+
+def _cpu_bf16_autocast(x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
 
 
 def _build(timm_name: str, *, reg: bool) -> DinoV2PatchEncoder:
