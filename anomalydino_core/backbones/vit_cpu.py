@@ -62,7 +62,9 @@ class _Bf16Block:
         self.head_dim = attn.head_dim
         self.gelu_approximate = mlp.act.approximate
         # Fold the 1/sqrt(d) scale into the query rows (a power of two for d=64: exact in bf16).
-        scale = torch.ones(attn.qkv.out_features, dtype=torch.float32, device=attn.qkv.weight.device)
+        scale = torch.ones(
+            attn.qkv.out_features, dtype=torch.float32, device=attn.qkv.weight.device
+        )
         scale[: attn.attn_dim] = attn.scale
         with torch.no_grad():
             self.w_qkv = (attn.qkv.weight.float() * scale[:, None]).to(torch.bfloat16)
