@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .augment import AGNOSTIC_ANGLES, rotate_image
 from .backbones import load_backbone
 from .backbones.weights import RemoteFetcher
 from .config import ModelSettings, Preprocess, ScoringSettings
+from .cpu import set_threads
 from .datasets import INFORMED_SETTINGS, MVTecCategory, TestItem, load_mvtec_category
 from .features import PatchFeatureExtractor
 from .few_shot import FewShotScorer, decide_masking
@@ -116,10 +118,7 @@ def run_evaluation(
     category = load_mvtec_category(request.data, request.category)
     model, scoring = request.model, request.scoring
     masking_mode, rotate = _preprocess_plan(request.preprocess, category.name, scoring.masking)
-    if model.threads:
-        import torch
-
-        torch.set_num_threads(model.threads)
+    set_threads(model.threads or torch.get_num_threads())
 
     backbone = load_backbone(model.backbone, weights=model.weights, fetch_remote=fetch_remote)
     if model.backbone == "auto":

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .allocator import keep_freed_memory
 from .backbones import LoadedBackbone, PreprocessConfig
+from .cpu import keep_freed_memory
 
 Precision = Literal["auto", "fp32", "bf16"]
 

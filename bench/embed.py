@@ -2,6 +2,7 @@
 
     python bench/embed.py [--backbones dinov2_vits14,efficientnet_lite0] [--resolution 448]
                           [--batches 1,8] [--precisions fp32,bf16] [--threads 2] [--repeats 5]
+                        [--device cpu|cuda|auto]
 
 DINOv2 runs with random weights (the official ones cannot be downloaded here; speed does not
 depend on the values). Model time only: inputs are preprocessed tensors already. The last line
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from anomalydino_core.backbones import load_backbone
-from anomalydino_core.features import PatchFeatureExtractor, to_input_tensor
+from anomalydino_core.features import PatchFeatureExtractor, select_device, to_input_tensor
 
 
 def median_ms_per_image(ex: PatchFeatureExtractor, batch: torch.Tensor, repeats: int) -> float:
@@ -39,18 +40,23 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (900, 900, 3), dtype=np.uint8)
-    print(f"threads={args.threads} resolution={args.resolution} torch={torch.__version__}")
+    device = select_device(args.device)
+    where = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} threads"
+    )
+    print(f"{where} resolution={args.resolution} torch={torch.__version__}")
     print(f"{'backbone':<20}{'precision':<10}{'batch':>6}{'ms/image':>10}{'images/s':>10}")
     for name in args.backbones.split(","):
         weights = "random" if name.startswith("dinov2") else None
         backbone = load_backbone(name, weights=weights)
         for precision in args.precisions.split(","):
             ex = PatchFeatureExtractor(
-                backbone, resolution=args.resolution, precision=precision, device="cpu"
+                backbone, resolution=args.resolution, precision=precision, device=str(device)
             )
             x = to_input_tensor(image, ex.preprocess)
             for bs in (int(b) for b in args.batches.split(",")):

@@ -4,7 +4,7 @@ Layout::
 
     zarr.json             attributes {"anomalydino": {"kind", "format_version", "settings"}}
     maps/zarr.json
-    maps/<sha256(image_id)>   (H, W) float16, one chunk, blosc-zstd level 1; attributes image_id,
+    maps/<sha256(image_id)>   (H, W) float16, one chunk, blosc-lz4; attributes image_id,
                               source_uri, complete (+ caller extras)
 
 As in the embedding store, a map is visible only once ``complete: true`` is written to its
@@ -29,9 +29,9 @@ _RESERVED = frozenset({"image_id", "source_uri", "complete"})
 
 
 def map_compressor() -> BloscCodec:
-    """Blosc-zstd level 1 with byte shuffle: maps are large and written for every image; level 1
-    is 3-4x faster than level 5 for about 15% more bytes."""
-    return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+    """Blosc-lz4 with byte shuffle: maps are large and written for every image. On a 900x900
+    float16 map lz4 took 1.1 ms (ratio 1.58) against 4.6 ms for zstd level 1 (ratio 1.78)."""
+    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
 class MapArchive:

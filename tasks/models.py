@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import faiss
 import torch
 
 from anomalydino_core.backbones import load_backbone
 from anomalydino_core.config import ModelSettings
+from anomalydino_core.cpu import set_threads
 from anomalydino_core.features import PatchFeatureExtractor
 from tasks.storage import StorageConfig, atomic_write_bytes, read_bytes
 
@@ -43,11 +43,10 @@ def compute_lock() -> threading.RLock:
 
 
 def pin_threads(threads: int) -> None:
-    """Use exactly ``threads`` threads for torch and faiss in this process (OpenCV: one per
-    call; the callers' thread pools give it its parallelism)."""
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
+    """Use exactly ``threads`` threads for torch and faiss in this process, one for BLAS
+    (``anomalydino_core.cpu.set_threads``) and one per OpenCV call (the callers' thread pools
+    give it its parallelism)."""
+    set_threads(threads)
     cv2.setNumThreads(1)
 
 

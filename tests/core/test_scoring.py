@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -118,6 +119,28 @@ def test_patch_index_exact_cosine_and_round_trip(tmp_path):
     (tmp_path / "bank.faiss").write_bytes((tmp_path / "bank.faiss").read_bytes()[:1000])
     with pytest.raises(Exception):  # noqa: B017 - faiss raises RuntimeError on truncated data
         PatchIndex.load(tmp_path / "bank.faiss")
+
+
+def test_flat_index_pads_odd_dims_and_round_trips_through_bytes():
+    rng = np.random.default_rng(1)
+    bank = rng.normal(size=(300, 152)).astype(np.float32)
+    queries = rng.normal(size=(30, 152)).astype(np.float32)
+    index = PatchIndex().fit(bank)
+    assert index.dim == 152 and index._index.d == 192  # zero-padded for faiss's BLAS
+    bn = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    got = index.search(queries)
+    assert np.allclose(got.distances[:, 0], 1.0 - (qn @ bn.T).max(axis=1), atol=1e-5)
+    assert np.array_equal(got.indices[:, 0], (qn @ bn.T).argmax(axis=1))
+    again = PatchIndex.from_bytes(index.to_bytes(), "exact")
+    assert again.dim == 152 and np.array_equal(again.search(queries).indices, got.indices)
+    with pytest.raises(ValueError, match="query dim 151"):
+        again.search(queries[:, :151])
+    with pytest.raises(ValueError, match="not 'ivf'"):
+        PatchIndex.from_bytes(index.to_bytes(), "ivf")
+    # banks written before the header: bare faiss bytes of an unpadded index
+    legacy = faiss.serialize_index(faiss.IndexFlatIP(152)).tobytes()
+    assert PatchIndex.from_bytes(legacy, "exact").dim == 152
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
