@@ -102,23 +102,53 @@ class FewShotScorer:
         with_map: bool = True,
     ) -> ScoreResult:
         """Score a (gh, gw, C) grid; masked-out patches get distance 0 and are not searched."""
-        grid_h, grid_w, dim = grid.shape
-        flat = grid.reshape(-1, dim)
-        distances = np.zeros(grid_h * grid_w, dtype=np.float32)
-        if foreground is None:
-            distances[:] = self.index.nearest_distance(flat)
-        else:
-            keep = np.asarray(foreground, dtype=bool).reshape(-1)
-            if keep.any():
-                distances[keep] = self.index.nearest_distance(flat[keep])
-        patch = distances.reshape(grid_h, grid_w)
+        (patch,) = self.patch_distances([grid], [foreground])
+        return self.result(patch, image_size=image_size, foreground=foreground, with_map=with_map)
+
+    def patch_distances(
+        self,
+        grids: Sequence[np.ndarray],
+        foregrounds: Sequence[np.ndarray | None] | None = None,
+    ) -> list[np.ndarray]:
+        """(gh, gw) distance grids of several images, searched in one bank query (masked-out
+        patches: 0, not searched)."""
+        foregrounds = foregrounds or [None] * len(grids)
+        queries, keeps = [], []
+        for grid, fg in zip(grids, foregrounds, strict=True):
+            flat = grid.reshape(-1, grid.shape[-1])
+            keep = None if fg is None else np.asarray(fg, dtype=bool).reshape(-1)
+            queries.append(flat if keep is None else flat[keep])
+            keeps.append(keep)
+        found = np.concatenate(queries) if queries else np.zeros((0, 1), np.float32)
+        nearest = self.index.nearest_distance(found) if len(found) else found[:, 0]
+        out, start = [], 0
+        for grid, q, keep in zip(grids, queries, keeps, strict=True):
+            distances = np.zeros(grid.shape[0] * grid.shape[1], dtype=np.float32)
+            part = nearest[start : start + len(q)]
+            start += len(q)
+            if keep is None:
+                distances[:] = part
+            else:
+                distances[keep] = part
+            out.append(distances.reshape(grid.shape[:2]))
+        return out
+
+    def result(
+        self,
+        patch: np.ndarray,
+        *,
+        image_size: tuple[int, int] | None = None,
+        foreground: np.ndarray | None = None,
+        with_map: bool = True,
+    ) -> ScoreResult:
+        """Image score, anomaly map and peak of a (gh, gw) distance grid."""
         amap = None
         if with_map or self.image_score_method == "max_map":
             if image_size is None:
                 raise ValueError("image_size is needed to build the anomaly map")
             amap = anomaly_map(patch, image_size, sigma=self.sigma)
-        score = image_score(distances, self.image_score_method, amap=amap)
-        row, col = divmod(int(np.argmax(distances)), grid_w)
+        score = image_score(patch, self.image_score_method, amap=amap)
+        row, col = divmod(int(np.argmax(patch)), patch.shape[1])
         return ScoreResult(
             score=score,
             patch_distances=patch,

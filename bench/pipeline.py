@@ -86,6 +86,7 @@ def main() -> None:
     from flows.build_bank import build_bank
     from flows.commands import setup_demo
     from flows.config import PipelineConfig
+    from flows.runtime import with_runner
 
     root = Path(args.root or tempfile.mkdtemp(prefix="anomalydino-bench-")).resolve()
     setup_demo(root, Path(args.data), "bottle", args.shots, "lot-bench")
@@ -116,7 +117,7 @@ def main() -> None:
         runs = []
         for label in ("first run", "re-run"):
             t0 = time.perf_counter()
-            s = audit_lot("bottle", "lot-bench", cfg)
+            s = with_runner(audit_lot, cfg.runtime)("bottle", "lot-bench", cfg)
             call = time.perf_counter() - t0
             runs.append((label, s, call))
         model_ips, what = model_only_images_per_s(cfg.model, args.threads, args.repeats)

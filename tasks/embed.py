@@ -174,15 +174,16 @@ def _compute(
     keep_images: bool,
     load_features: bool,
 ) -> None:
-    """Three phases, each using every core without competing with another: decode (pool) ->
-    embed in batches (``compute_lock()``, nothing else running) -> float16 + mask + put (pool).
+    """Decode (pool) -> embed in batches (``compute_lock()``) -> float16 + mask + put (pool).
 
-    On a small CPU the model's thread team slows down 2x when any other thread runs beside it,
-    so phases beat a pipeline; concurrent tasks (``runtime.concurrency``) can still overlap
+    The pool finishes (float16, mask, store) each batch while the model runs the next one: those
+    steps are single-threaded (``anomalydino_core.cpu.set_threads`` keeps BLAS at one thread)
+    and mostly wait on storage. Concurrent tasks (``runtime.concurrency``) can also overlap
     storage latency with the model where storage is remote.
     """
     if not compute:
         return
+    t0 = time.perf_counter()
     views: list[tuple[EmbeddedSource, int, np.ndarray]] = []  # (result, view index, pixels)
     for res, fut in zip(compute, decoded, strict=True):
         image, error = fut.result()
@@ -199,17 +200,33 @@ def _compute(
         for v in range(n_views):
             views.append((res, v, image if angles is None else rotate_image(image, angles[v])))
     batch = max(1, model.extractor.batch_size)
-    grids: list[np.ndarray] = []
+    writes: list[Future] = []
+
+    t_decoded = time.perf_counter()
     with compute_lock():
+        t_locked = time.perf_counter()
         for start in range(0, len(views), batch):
-            grids.extend(model.extractor.embed([px for _, _, px in views[start : start + batch]]))
-    writes = [
-        pool.submit(_finish_view, res, view, grid, store, model)
-        for (res, view, _), grid in zip(views, grids, strict=True)
-    ]
-    del views, grids
+            part = views[start : start + batch]
+            grids = model.extractor.embed([px for _, _, px in part])
+            writes += [
+                pool.submit(_finish_view, res, view, grid, store, model)
+                for (res, view, _), grid in zip(part, grids, strict=True)
+            ]
+            del grids
+    t_model = time.perf_counter()
+    n_views = len(views)
+    del views
     for fut in writes:
         fut.result()
+    run_logger().debug(
+        "embedded %d views: decoding %.2fs, waiting for the model %.2fs, model %.2fs, "
+        "float16 + mask + store (after the model) %.2fs",
+        n_views,
+        t_decoded - t0,
+        t_locked - t_decoded,
+        t_model - t_locked,
+        time.perf_counter() - t_model,
+    )
     for res in compute:
         if res.ok and not load_features:
             res.features, res.masks = [], []
@@ -225,8 +242,8 @@ def _finish_view(
         res.error = f"{res.item.image_id}: features not finite in float16 (NaN/inf or overflow)"
         return
     widened = half.astype(np.float32)
-    with compute_lock():
-        mask = foreground_mask(widened, threshold=model.mask_threshold)
+    # single-threaded BLAS (anomalydino_core.cpu.set_threads): no compute_lock() needed
+    mask = foreground_mask(widened, threshold=model.mask_threshold)
     sid = res.item.store_ids(res.content_sha256)[view]
     store.put(
         EmbeddedImage(

@@ -6,7 +6,7 @@ Layout at the store URI::
     images/zarr.json
     images/<sha256(image_id)>/zarr.json    image_id, source_uri, content_sha256, image_size,
                                            grid, feature_dim, has_mask, complete
-    images/<key>/features     (gh, gw, C) float16, one chunk, blosc-zstd with byte shuffle
+    images/<key>/features     (gh, gw, C) float16, one chunk, blosc-zstd level 1, byte shuffle
     images/<key>/mask         (gh, gw) bool, one chunk (absent when the image has no mask)
 
 ``settings`` (backbone, weights hash, resolution, ...) is fixed when the store is created;
@@ -67,8 +67,9 @@ def image_key(image_id: str) -> str:
 
 
 def feature_compressor() -> BloscCodec:
-    """Blosc-zstd with byte shuffle: works well on float16 feature grids."""
-    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+    """Blosc-zstd level 1 with byte shuffle. Float16 feature grids hardly compress (ratio 1.09
+    at level 1, 1.17 at level 5 on a ViT-S grid); level 1 takes 0.9 ms instead of 3.8."""
+    return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 
 
 def normalize_settings(settings: Mapping[str, Any], what: str = "settings") -> dict[str, Any]:

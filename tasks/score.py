@@ -218,79 +218,72 @@ def _put_map(archive: MapArchive, image_id: str, uri: str, amap: np.ndarray, sco
 def score_images(
     items: list[SourceImage], ctx: RunContext, manifest: BankManifest
 ) -> list[ReportRow]:
-    """Embed (or reuse) a chunk of a lot, score it against the bank, write maps and overlays."""
+    """Embed (or reuse) a chunk of a lot, score it against the bank, write maps and overlays.
+
+    Phases, each with the cores to itself: embedding; one bank search for the whole chunk
+    (``compute_lock()``); then maps, image scores, map and overlay writes in the I/O pool.
+    """
     t0 = time.perf_counter()
     storage = ctx.storage.storage_config()
     model, store = _open_store(ctx, storage, with_model=True)
     scorer = load_scorer(manifest, storage)
     archive = MapArchive.open(ctx.maps_uri, None, storage, create=False)
     scale = overlay_scale(ctx.threshold, 0.0)
-    rows: list[ReportRow] = []
+
+    def finish(res: EmbeddedSource, patch: np.ndarray) -> ReportRow:
+        fg = res.masks[0] if ctx.use_mask else None
+        result = scorer.result(patch, image_size=res.image_size, foreground=fg)
+        row = make_row(
+            ctx,
+            res.item,
+            content_sha256=res.content_sha256,
+            file_size=res.file_size,
+            image_size=res.image_size,
+            reused=res.reused,
+            score=result.score,
+            masked_fraction=result.masked_fraction,
+            max_patch=result.max_patch,
+            grid=result.patch_distances.shape,
+            map_uri=ctx.map_uri(res.item.image_id),
+            overlay_uri=ctx.overlay_uri(res.item.image_id),
+        )
+        _put_map(archive, res.item.image_id, res.item.uri, result.anomaly_map, row.score)
+        if row.is_anomalous and not _write_overlay_or_skip(
+            ctx, res.item.image_id, res.item.uri, result.anomaly_map, scale, storage, res.image
+        ):
+            row = replace(row, overlay_uri=None)
+        res.image = None
+        return row
+
     with ThreadPoolExecutor(ctx.io_threads, thread_name_prefix="score-io") as pool:
         results = embed_sources(
             items, store, model, threads=ctx.threads, pool=pool, storage=storage, keep_images=True
         )
-        scored = []  # phase 1: scores and maps (compute only, nothing else running)
+        t_embedded = time.perf_counter()
+        ok = [res for res in results if res.ok]
         with compute_lock():
-            for res in results:
-                if res.ok:
-                    fg = res.masks[0] if ctx.use_mask else None
-                    scored.append(
-                        scorer.score(res.features[0], image_size=res.image_size, foreground=fg)
-                    )
-                    res.features, res.masks = [], []
-                else:
-                    scored.append(None)
-        writes: list[Future] = []  # phase 2: maps and overlays written by the pool
-        overlays: list[tuple[int, Future]] = []
-        for res, result in zip(results, scored, strict=True):
-            if result is None:
-                rows.append(error_row(ctx, res))
-                continue
-            row = make_row(
-                ctx,
-                res.item,
-                content_sha256=res.content_sha256,
-                file_size=res.file_size,
-                image_size=res.image_size,
-                reused=res.reused,
-                score=result.score,
-                masked_fraction=result.masked_fraction,
-                max_patch=result.max_patch,
-                grid=result.patch_distances.shape,
-                map_uri=ctx.map_uri(res.item.image_id),
-                overlay_uri=ctx.overlay_uri(res.item.image_id),
+            patches = scorer.patch_distances(
+                [res.features[0] for res in ok],
+                [res.masks[0] if ctx.use_mask else None for res in ok],
             )
-            amap = result.anomaly_map
-            writes.append(
-                pool.submit(_put_map, archive, res.item.image_id, res.item.uri, amap, row.score)
-            )
-            if row.is_anomalous:
-                overlays.append(
-                    (
-                        len(rows),
-                        pool.submit(
-                            _write_overlay_or_skip,
-                            ctx,
-                            res.item.image_id,
-                            res.item.uri,
-                            amap,
-                            scale,
-                            storage,
-                            res.image,
-                        ),
-                    )
-                )
-            res.image = None
-            rows.append(row)
-        del scored
-        _drain(writes, overlays, rows)
+        for res in ok:
+            res.features = []
+        t_searched = time.perf_counter()
+        finished = {
+            id(res): pool.submit(finish, res, patch) for res, patch in zip(ok, patches, strict=True)
+        }
+        rows = [finished[id(res)].result() if res.ok else error_row(ctx, res) for res in results]
+    t_end = time.perf_counter()
     run_logger().info(
-        "scored %d images (%d reused embeddings, %d errors) in %.1fs",
+        "scored %d images (%d reused embeddings, %d errors) in %.1fs: embed %.1fs, bank search "
+        "%.1fs, maps and their writes %.1fs",
         len(rows),
         sum(1 for r in rows if r.embedding_reused),
         sum(1 for r in rows if r.error),
-        time.perf_counter() - t0,
+        t_end - t0,
+        t_embedded - t0,
+        t_searched - t_embedded,
+        t_end - t_searched,
     )
     return rows
 
