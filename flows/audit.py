@@ -18,14 +18,13 @@ from flows.build_bank import (
     model_context,
     prepare_bank,
     reference_versions,
+    run_context,
 )
 from flows.config import PipelineConfig
 from flows.runtime import (
     artifact_key,
     chunked,
-    current_flow_run_id,
     markdown_table,
-    new_run_id,
     publish_markdown,
     resolve_config,
     runner_name,
@@ -34,7 +33,7 @@ from flows.runtime import (
 )
 from tasks.bank import BankManifest, effective_threshold
 from tasks.embed import SourceImage
-from tasks.layout import check_name, relative_id
+from tasks.layout import check_name, relative_id, valid_names
 from tasks.map_archive import MapArchive
 from tasks.report import ReportRow, list_reports, write_report
 from tasks.retry import run_logger
@@ -169,6 +168,33 @@ def report_metadata(ctx: RunContext, cfg: PipelineConfig, extra: dict[str, Any])
     }
 
 
+def finish_run(
+    job: str,
+    ctx: RunContext,
+    cfg: PipelineConfig,
+    rows: list[ReportRow],
+    extra: dict[str, Any],
+    t0: float,
+) -> LotRunSummary:
+    """Write the run's report, publish its artifact, log and return its summary."""
+    report_uri = cfg.layout().report(ctx.product, ctx.lot, ctx.run_id)
+    runner = runner_name(cfg.runtime)
+    meta = report_metadata(
+        ctx,
+        cfg,
+        {"runner": runner, **extra, "seconds_to_report": round(time.perf_counter() - t0, 3)},
+    )
+    write_report(report_uri, rows, meta, cfg.storage)
+    summary = summarize(rows, ctx, report_uri, time.perf_counter() - t0, runner)
+    publish_markdown(
+        run_markdown(summary, rows),
+        artifact_key(job, ctx.product, ctx.lot),
+        f"{job} {ctx.product}/{ctx.lot} run {ctx.run_id}",
+    )
+    run_logger().info("%s", summary.text())
+    return summary
+
+
 def open_map_archive(ctx: RunContext, cfg: PipelineConfig, scale: tuple[float, float] | None):
     settings = {
         "product": ctx.product,
@@ -191,25 +217,14 @@ def few_shot_context(
     *,
     started,
 ) -> RunContext:
-    flow_run_id = current_flow_run_id()
-    run_id = new_run_id(started, flow_run_id)
-    layout = cfg.layout()
     threshold, source = effective_threshold(cfg.product(product).threshold, manifest.loo_threshold)
-    return RunContext(
-        product=product,
-        lot=lot,
-        run_id=run_id,
-        flow_run_id=flow_run_id,
+    return run_context(
+        cfg,
+        mc,
+        product,
+        lot,
         method=FEW_SHOT,
-        run_started_at=started,
-        store_uri=mc.store_uri,
-        store_settings=mc.settings,
-        maps_uri=layout.map_archive(product, lot, run_id),
-        overlays_uri=layout.overlays(product, lot, run_id),
-        model=cfg.model,
-        storage=cfg.storage,
-        threads=mc.threads,
-        io_threads=cfg.runtime.io_threads,
+        started=started,
         threshold=threshold,
         threshold_source=source,
         use_mask=manifest.use_mask,
@@ -260,37 +275,14 @@ def audit_lot(
         for chunk in chunked(items, cfg.runtime.chunk_size)
     ]
     rows = [row for fut in futures for row in fut.result()]
-    report_uri = cfg.layout().report(product, lot, ctx.run_id)
-    runner = runner_name(cfg.runtime)
-    meta = report_metadata(
-        ctx,
-        cfg,
-        {
-            "runner": runner,
-            "bank_key": manifest.key,
-            "seconds_to_report": round(time.perf_counter() - t0, 3),
-        },
-    )
-    write_report(report_uri, rows, meta, cfg.storage)
-    summary = summarize(rows, ctx, report_uri, time.perf_counter() - t0, runner)
-    publish_markdown(
-        run_markdown(summary, rows),
-        artifact_key("audit", product, lot),
-        f"audit {product}/{lot} run {ctx.run_id}",
-    )
-    log.info("%s", summary.text())
-    return summary
+    return finish_run("audit", ctx, cfg, rows, {"bank_key": manifest.key}, t0)
 
 
 def lots_without_report(cfg: PipelineConfig, product: str) -> list[str]:
     layout, storage = cfg.layout(), cfg.storage_config()
     out = []
-    for lot in list_dirs(layout.product_incoming(product), storage):
-        try:
-            check_name("lot", lot)
-        except ValueError as exc:
-            run_logger().warning("skipping %s/%s: %s", product, lot, exc)
-            continue
+    lots = list_dirs(layout.product_incoming(product), storage)
+    for lot in valid_names("lot", lots, run_logger().warning):
         if not list_reports(layout.lot_reports(product, lot), storage):
             out.append(lot)
     return out
@@ -309,12 +301,7 @@ def nightly_audit(
     names = products or list_dirs(cfg.layout().incoming_root, storage)
     done: list[LotRunSummary] = []
     failed: list[str] = []
-    for product in names:
-        try:
-            check_name("product", product)
-        except ValueError as exc:
-            log.warning("skipping product folder %r: %s", product, exc)
-            continue
+    for product in valid_names("product", names, log.warning):
         if not reference_versions(cfg, product):
             log.warning("%s: no reference set, cannot audit (screen it instead)", product)
             continue

@@ -12,7 +12,9 @@ from flows.config import PipelineConfig
 from flows.runtime import (
     artifact_key,
     chunked,
+    current_flow_run_id,
     markdown_table,
+    new_run_id,
     publish_markdown,
     resolve_config,
 )
@@ -29,6 +31,7 @@ from tasks.embed import SourceImage, embed_images
 from tasks.layout import IMAGE_SUFFIXES, latest_version, relative_id
 from tasks.models import default_threads, embedder
 from tasks.retry import retry_on_storage_error, run_logger
+from tasks.score import RunContext
 from tasks.storage import list_dirs, list_files
 
 
@@ -52,6 +55,45 @@ def model_context(cfg: PipelineConfig, product: str) -> ModelContext:
         store_uri=cfg.layout().embeddings(product, model.key),
         threads=default_threads(cfg.model),
         mask_threshold=model.mask_threshold,
+    )
+
+
+def run_context(
+    cfg: PipelineConfig,
+    mc: ModelContext,
+    product: str,
+    lot: str,
+    *,
+    method: str,
+    started,
+    threshold: float | None,
+    threshold_source: str,
+    use_mask: bool,
+    **extra: Any,
+) -> RunContext:
+    """What every task of one (product, lot, run) needs; a new run id (time + flow run)."""
+    flow_run_id = current_flow_run_id()
+    run_id = new_run_id(started, flow_run_id)
+    layout = cfg.layout()
+    return RunContext(
+        product=product,
+        lot=lot,
+        run_id=run_id,
+        flow_run_id=flow_run_id,
+        method=method,
+        run_started_at=started,
+        store_uri=mc.store_uri,
+        store_settings=mc.settings,
+        maps_uri=layout.map_archive(product, lot, run_id),
+        overlays_uri=layout.overlays(product, lot, run_id),
+        model=cfg.model,
+        storage=cfg.storage,
+        threads=mc.threads,
+        io_threads=cfg.runtime.io_threads,
+        threshold=threshold,
+        threshold_source=threshold_source,
+        use_mask=use_mask,
+        **extra,
     )
 
 

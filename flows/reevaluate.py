@@ -39,7 +39,7 @@ from flows.runtime import (
     with_runner,
 )
 from tasks.embed import SourceImage
-from tasks.layout import check_name, latest_version
+from tasks.layout import check_name, latest_version, valid_names
 from tasks.report import list_reports, read_report, write_report, write_table
 from tasks.report import report_metadata as read_report_metadata
 from tasks.retry import run_logger
@@ -257,12 +257,7 @@ def reevaluate_updates(
     log = run_logger()
     names = products or list_dirs(cfg.layout().references_root, cfg.storage_config())
     out: list[ReevaluationSummary] = []
-    for product in names:
-        try:
-            check_name("product", product)
-        except ValueError as exc:
-            log.warning("skipping product folder %r: %s", product, exc)
-            continue
+    for product in valid_names("product", names, log.warning):
         version = latest_version(reference_versions(cfg, product))
         if version is None:
             continue

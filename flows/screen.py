@@ -20,32 +20,24 @@ from anomalydino_core.few_shot import decide_masking
 from anomalydino_core.zero_shot import MutualScoringConfig, split_query_indices
 from flows.audit import (
     LotRunSummary,
+    finish_run,
     lot_items,
     open_map_archive,
-    report_metadata,
-    run_markdown,
-    summarize,
 )
-from flows.build_bank import model_context
+from flows.build_bank import model_context, run_context
 from flows.config import PipelineConfig
 from flows.runtime import (
-    artifact_key,
     chunked,
-    current_flow_run_id,
-    new_run_id,
-    publish_markdown,
     resolve_config,
-    runner_name,
     utc_now,
 )
 from tasks.embed import embed_images
 from tasks.embedding_store import EmbeddingStore
 from tasks.layout import check_name
-from tasks.report import ReportRow, write_report
+from tasks.report import ReportRow
 from tasks.retry import run_logger
 from tasks.score import (
     ZERO_SHOT,
-    RunContext,
     StoredImage,
     make_row,
     overlay_scale,
@@ -89,8 +81,6 @@ def screen_shipment(
         for chunk in chunked(items, cfg.runtime.chunk_size)
     ]  # fmt: skip
     summaries = [f.result() for f in futures]
-    flow_run_id = current_flow_run_id()
-    run_id = new_run_id(started, flow_run_id)
 
     by_id = {it.image_id: it for it in items}
     ok: list[StoredImage] = []
@@ -116,21 +106,13 @@ def screen_shipment(
         first = store.get(ok[0].item.store_id).features.astype(np.float32)
         decision = decide_masking(scoring.masking, first, threshold=mc.mask_threshold)
         use_mask, masking_reason = decision.use_mask, f"{decision.reason} (first image)"
-    ctx = RunContext(
-        product=product,
-        lot=shipment,
-        run_id=run_id,
-        flow_run_id=flow_run_id,
+    ctx = run_context(
+        cfg,
+        mc,
+        product,
+        shipment,
         method=ZERO_SHOT,
-        run_started_at=started,
-        store_uri=mc.store_uri,
-        store_settings=mc.settings,
-        maps_uri=layout.map_archive(product, shipment, run_id),
-        overlays_uri=layout.overlays(product, shipment, run_id),
-        model=cfg.model,
-        storage=cfg.storage,
-        threads=mc.threads,
-        io_threads=cfg.runtime.io_threads,
+        started=started,
         threshold=None,
         threshold_source="pending",
         use_mask=use_mask,
@@ -206,15 +188,4 @@ def screen_shipment(
         missing = {fid for (fid, _), uri in zip(flagged, written, strict=True) if uri is None}
         rows = [replace(r, overlay_uri=None) if r.image_id in missing else r for r in rows]
 
-    report_uri = layout.report(product, shipment, run_id)
-    runner = runner_name(cfg.runtime)
-    meta = report_metadata(ctx, cfg, {"runner": runner, "masking_reason": masking_reason})
-    write_report(report_uri, rows, meta, cfg.storage)
-    summary = summarize(rows, ctx, report_uri, time.perf_counter() - t0, runner)
-    publish_markdown(
-        run_markdown(summary, rows),
-        artifact_key("screen", product, shipment),
-        f"screening {product}/{shipment} run {run_id}",
-    )
-    log.info("%s", summary.text())
-    return summary
+    return finish_run("screen", ctx, cfg, rows, {"masking_reason": masking_reason}, t0)

@@ -178,8 +178,8 @@ class EmbeddedImage:
         return int(self.features.shape[0]), int(self.features.shape[1])
 
 
-class EmbeddingStore:
-    """Embeddings of one (product, backbone, preprocessing) at a URI; see module docstring."""
+class ZarrRoot:
+    """A Zarr v3 root at a URI holding one entry per image (opened with ``open_root``)."""
 
     def __init__(self, uri: str, store: Any, settings: dict[str, Any], read_only: bool) -> None:
         self.uri = uri
@@ -188,7 +188,11 @@ class EmbeddingStore:
         self.read_only = read_only
 
     def __repr__(self) -> str:
-        return f"EmbeddingStore({self.uri!r}, read_only={self.read_only})"
+        return f"{type(self).__name__}({self.uri!r}, read_only={self.read_only})"
+
+
+class EmbeddingStore(ZarrRoot):
+    """Embeddings of one (product, backbone, preprocessing) at a URI; see module docstring."""
 
     @classmethod
     def open(

@@ -19,7 +19,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from tasks.storage import join
 
@@ -36,6 +38,20 @@ def check_name(kind: str, name: str) -> str:
             "(starting with a letter or digit, at most 128 characters)"
         )
     return name
+
+
+def valid_names(kind: str, names: Iterable[str], warn: Callable[..., Any]) -> list[str]:
+    """The ``names`` (folders found in storage) that are valid ``kind`` names; each other one is
+    skipped with a warning through ``warn`` (a logger's ``warning``)."""
+    out = []
+    for name in names:
+        try:
+            check_name(kind, name)
+        except ValueError as exc:
+            warn("skipping %s folder %r: %s", kind, name, exc)
+            continue
+        out.append(name)
+    return out
 
 
 def natural_key(name: str) -> tuple:

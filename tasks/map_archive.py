@@ -21,7 +21,13 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from tasks.embedding_store import NOT_FOUND_ERRORS, complete_ids, image_key, open_root
+from tasks.embedding_store import (
+    NOT_FOUND_ERRORS,
+    ZarrRoot,
+    complete_ids,
+    image_key,
+    open_root,
+)
 from tasks.storage import StorageConfig, atomic_write_bytes
 
 MAP_ARCHIVE_KIND = "anomaly_map_archive"
@@ -34,17 +40,8 @@ def map_compressor() -> BloscCodec:
     return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
-class MapArchive:
+class MapArchive(ZarrRoot):
     """Anomaly maps of one lot at a URI (see module docstring)."""
-
-    def __init__(self, uri: str, store: Any, settings: dict[str, Any], read_only: bool) -> None:
-        self.uri = uri
-        self._store = store
-        self.settings = settings
-        self.read_only = read_only
-
-    def __repr__(self) -> str:
-        return f"MapArchive({self.uri!r}, read_only={self.read_only})"
 
     @classmethod
     def open(

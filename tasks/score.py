@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -23,11 +23,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from anomalydino_core.config import ModelSettings
+from anomalydino_core.few_shot import ScoreResult
 from anomalydino_core.images import ImageDecodeError, decode_image
 from anomalydino_core.zero_shot import LazyFeatureSource, MutualScoringConfig, score_mutual
 from tasks.bank import BankManifest, load_scorer
 from tasks.embed import EmbeddedSource, SourceImage, embed_sources, read_source
-from tasks.embedding_store import EmbeddingStore, image_key
+from tasks.embedding_store import EmbeddedImage, EmbeddingStore, image_key
 from tasks.layout import overlay_name
 from tasks.map_archive import MapArchive, write_overlay_png
 from tasks.models import compute_lock, embedder, pin_threads
@@ -211,6 +212,44 @@ def _put_map(archive: MapArchive, image_id: str, uri: str, amap: np.ndarray, sco
     )
 
 
+def _record(
+    ctx: RunContext,
+    item: SourceImage,
+    result: ScoreResult,
+    *,
+    archive: MapArchive,
+    storage: StorageConfig,
+    content_sha256: str | None,
+    file_size: int | None,
+    image_size: tuple[int, int],
+    reused: bool,
+    image: np.ndarray | None = None,
+) -> ReportRow:
+    """The report row of a scored image, its map written and, if flagged, its overlay (the
+    row keeps no overlay URI when the source image is gone)."""
+    row = make_row(
+        ctx,
+        item,
+        content_sha256=content_sha256,
+        file_size=file_size,
+        image_size=image_size,
+        reused=reused,
+        score=result.score,
+        masked_fraction=result.masked_fraction,
+        max_patch=result.max_patch,
+        grid=result.patch_distances.shape,
+        map_uri=ctx.map_uri(item.image_id),
+        overlay_uri=ctx.overlay_uri(item.image_id),
+    )
+    _put_map(archive, item.image_id, item.uri, result.anomaly_map, row.score)
+    scale = overlay_scale(ctx.threshold, 0.0)
+    if row.is_anomalous and not _write_overlay_or_skip(
+        ctx, item.image_id, item.uri, result.anomaly_map, scale, storage, image
+    ):
+        row = replace(row, overlay_uri=None)
+    return row
+
+
 # ------------------------------------------------------------------------- few-shot (audit)
 
 
@@ -228,30 +267,21 @@ def score_images(
     model, store = _open_store(ctx, storage, with_model=True)
     scorer = load_scorer(manifest, storage)
     archive = MapArchive.open(ctx.maps_uri, None, storage, create=False)
-    scale = overlay_scale(ctx.threshold, 0.0)
 
     def finish(res: EmbeddedSource, patch: np.ndarray) -> ReportRow:
         fg = res.masks[0] if ctx.use_mask else None
-        result = scorer.result(patch, image_size=res.image_size, foreground=fg)
-        row = make_row(
+        row = _record(
             ctx,
             res.item,
+            scorer.result(patch, image_size=res.image_size, foreground=fg),
+            archive=archive,
+            storage=storage,
             content_sha256=res.content_sha256,
             file_size=res.file_size,
             image_size=res.image_size,
             reused=res.reused,
-            score=result.score,
-            masked_fraction=result.masked_fraction,
-            max_patch=result.max_patch,
-            grid=result.patch_distances.shape,
-            map_uri=ctx.map_uri(res.item.image_id),
-            overlay_uri=ctx.overlay_uri(res.item.image_id),
+            image=res.image,
         )
-        _put_map(archive, res.item.image_id, res.item.uri, result.anomaly_map, row.score)
-        if row.is_anomalous and not _write_overlay_or_skip(
-            ctx, res.item.image_id, res.item.uri, result.anomaly_map, scale, storage, res.image
-        ):
-            row = replace(row, overlay_uri=None)
         res.image = None
         return row
 
@@ -288,16 +318,6 @@ def score_images(
     return rows
 
 
-def _drain(writes: list[Future], overlays: list[tuple[int, Future]], rows: list[ReportRow]) -> None:
-    """Wait for map and overlay writes (storage errors propagate for the task's retry); a row
-    whose overlay could not be rendered (source image gone) keeps no overlay URI."""
-    for fut in writes:
-        fut.result()
-    for i, fut in overlays:
-        if not fut.result():
-            rows[i] = replace(rows[i], overlay_uri=None)
-
-
 # ---------------------------------------------------------------------- scoring stored lots
 
 
@@ -314,7 +334,6 @@ def rescore_stored(
     pin_threads(ctx.threads)
     scorer = load_scorer(manifest, storage)
     archive = MapArchive.open(ctx.maps_uri, None, storage, create=False)
-    scale = overlay_scale(ctx.threshold, 0.0)
 
     def load(item: SourceImage, sha: str | None):
         if sha is None:
@@ -325,65 +344,48 @@ def rescore_stored(
             )
         return store.get(item.store_id), None
 
-    rows: list[ReportRow] = []
+    def finish(item: SourceImage, entry: EmbeddedImage, patch: np.ndarray) -> ReportRow:
+        fg = entry.mask if ctx.use_mask else None
+        return _record(
+            ctx,
+            item,
+            scorer.result(patch, image_size=entry.image_size, foreground=fg),
+            archive=archive,
+            storage=storage,
+            content_sha256=entry.content_sha256,
+            file_size=None,
+            image_size=entry.image_size,
+            reused=True,
+        )
+
     with ThreadPoolExecutor(ctx.io_threads, thread_name_prefix="rescore-io") as pool:
         loaded = list(pool.map(load, items, expected_sha256))
-        writes: list[Future] = []
-        overlays: list[tuple[int, Future]] = []
-        for item, sha, (entry, error) in zip(items, expected_sha256, loaded, strict=True):
-            if entry is None:
-                rows.append(
-                    make_row(
-                        ctx,
-                        item,
-                        content_sha256=sha,
-                        file_size=None,
-                        image_size=None,
-                        reused=None,
-                        error=f"{item.image_id}: {error}",
-                    )
-                )
-                continue
-            grid = entry.features.astype(np.float32)
-            with compute_lock():
-                result = scorer.score(
-                    grid,
-                    image_size=entry.image_size,
-                    foreground=entry.mask if ctx.use_mask else None,
-                )
-            row = make_row(
-                ctx,
-                item,
-                content_sha256=entry.content_sha256,
-                file_size=None,
-                image_size=entry.image_size,
-                reused=True,
-                score=result.score,
-                masked_fraction=result.masked_fraction,
-                max_patch=result.max_patch,
-                grid=grid.shape[:2],
-                map_uri=ctx.map_uri(item.image_id),
-                overlay_uri=ctx.overlay_uri(item.image_id),
+        found = [(item, entry) for item, (entry, _) in zip(items, loaded, strict=True) if entry]
+        with compute_lock():
+            patches = scorer.patch_distances(
+                [entry.features.astype(np.float32) for _, entry in found],
+                [entry.mask if ctx.use_mask else None for _, entry in found],
             )
-            amap = result.anomaly_map
-            writes.append(pool.submit(_put_map, archive, item.image_id, item.uri, amap, row.score))
-            if row.is_anomalous:
-                overlays.append(
-                    (
-                        len(rows),
-                        pool.submit(
-                            _write_overlay_or_skip,
-                            ctx,
-                            item.image_id,
-                            item.uri,
-                            amap,
-                            scale,
-                            storage,
-                        ),
-                    )
+        finished = {
+            id(entry): pool.submit(finish, item, entry, patch)
+            for (item, entry), patch in zip(found, patches, strict=True)
+        }
+        rows = []
+        for item, sha, (entry, error) in zip(items, expected_sha256, loaded, strict=True):
+            if entry is not None:
+                rows.append(finished[id(entry)].result())
+                continue
+            rows.append(
+                make_row(
+                    ctx,
+                    item,
+                    content_sha256=sha,
+                    file_size=None,
+                    image_size=None,
+                    reused=None,
+                    error=f"{item.image_id}: {error}",
                 )
-            rows.append(row)
-        _drain(writes, overlays, rows)
+            )
     return rows
 
 
