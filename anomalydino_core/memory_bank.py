@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Literal
 
 import faiss
 import numpy as np
+import torch
 
 IndexKind = Literal["exact", "exact_bf16", "hnsw", "ivf"]
 _FORMAT = "anomalydino.patch_index/1"
@@ -35,7 +37,21 @@ def _padded_dim(dim: int) -> int:
 
 
 def gpu_available() -> bool:
+    """faiss was built with GPU support and sees a GPU."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+@contextlib.contextmanager
+def _fp32_matmul():
+    """True fp32 products on CUDA (no TF32), whatever the process set globally."""
+    previous = torch.get_float32_matmul_precision()
+    if previous != "highest":
+        torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        if previous != "highest":
+            torch.set_float32_matmul_precision(previous)
 
 
 @dataclass(frozen=True)
@@ -52,11 +68,15 @@ class PatchIndex:
     of ``bf16_block`` rows and re-ranks those candidates in fp32: the returned distance is the true
     fp32 distance of the chosen row, and the chosen row is the true nearest neighbour unless two
     rows of one block are within bf16 rounding (~1e-3) of each other. ``hnsw`` / ``ivf`` are
-    approximate options for full-shot banks of millions of patches. A GPU copy is used when faiss
-    has GPU support and a GPU is present (``use_gpu=None``).
+    approximate options for full-shot banks of millions of patches.
+
+    GPU (``use_gpu=None``: when present): a faiss GPU copy where faiss has GPU support; else, for
+    ``exact``, the same fp32 search as torch matrix products on CUDA (TF32 off), and
+    ``exact_bf16`` runs on CUDA in any case. ``use_gpu=False`` keeps the search on the CPU.
     """
 
     bf16_block = 4096
+    cuda_block = 65536
 
     def __init__(
         self,
@@ -70,7 +90,8 @@ class PatchIndex:
         if kind not in ("exact", "exact_bf16", "hnsw", "ivf"):
             raise ValueError(f"unknown index kind {kind!r}; choose exact, exact_bf16, hnsw or ivf")
         self.kind = kind
-        self.use_gpu = gpu_available() if use_gpu is None else use_gpu
+        self.want_gpu = use_gpu
+        self.use_gpu = False  # whether the search runs on a GPU (set by fit / load)
         self.hnsw_m = hnsw_m
         self.ivf_lists = ivf_lists
         self.nprobe = nprobe
@@ -118,17 +139,21 @@ class PatchIndex:
         self._dim = dim
         self._search_index = index
         self._bank32 = self._bank16 = None
-        if self.kind == "exact_bf16":
-            import torch
-
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.use_gpu = False
+        want_gpu = self.want_gpu is not False
+        cuda = want_gpu and torch.cuda.is_available()
+        if self.kind == "exact_bf16" or (self.kind == "exact" and cuda and not gpu_available()):
+            device = torch.device("cuda" if cuda else "cpu")
             rows = np.ascontiguousarray(index.reconstruct_n(0, index.ntotal)[:, :dim])
             self._bank32 = torch.from_numpy(rows).to(device)
-            self._bank16 = self._bank32.to(torch.bfloat16)
+            if self.kind == "exact_bf16":
+                self._bank16 = self._bank32.to(torch.bfloat16)
+            self.use_gpu = cuda
             return
-        if self.use_gpu and self.kind != "hnsw" and gpu_available():
+        if want_gpu and self.kind != "hnsw" and gpu_available():
             self._gpu_res = faiss.StandardGpuResources()
             self._search_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+            self.use_gpu = True
 
     def search(self, queries: np.ndarray, k: int = 1) -> SearchResult:
         """k nearest bank patches of each query row, as cosine distances 1 - cos."""
@@ -140,19 +165,35 @@ class PatchIndex:
             if k != 1:
                 raise ValueError("exact_bf16 search returns the nearest neighbour only (k=1)")
             return self._search_bf16(_as_unit_rows(queries))
+        if self._bank32 is not None and k == 1:
+            return self._search_cuda_exact(_as_unit_rows(queries))
         q = _as_unit_rows(queries, self._index.d)
         sims, idx = self._search_index.search(q, k)
         dist = np.clip(1.0 - sims, 0.0, 2.0).astype(np.float32)
         return SearchResult(distances=dist, indices=idx.astype(np.int64))
 
-    def _search_bf16(self, q: np.ndarray) -> SearchResult:
-        import torch
+    def _search_cuda_exact(self, q: np.ndarray) -> SearchResult:
+        bank = self._bank32
+        q32 = torch.from_numpy(q).to(bank.device)
+        best = idx = None
+        with torch.inference_mode(), _fp32_matmul():
+            for start in range(0, bank.shape[0], self.cuda_block):
+                sims, rows = (q32 @ bank[start : start + self.cuda_block].T).max(dim=1)
+                if best is None:
+                    best, idx = sims, rows
+                else:
+                    better = sims > best
+                    best = torch.where(better, sims, best)
+                    idx = torch.where(better, rows + start, idx)
+        dist = np.clip(1.0 - best.cpu().numpy(), 0.0, 2.0).astype(np.float32)[:, None]
+        return SearchResult(distances=dist, indices=idx.cpu().numpy().astype(np.int64)[:, None])
 
+    def _search_bf16(self, q: np.ndarray) -> SearchResult:
         bank32, bank16 = self._bank32, self._bank16
         q32 = torch.from_numpy(q).to(bank32.device)
         q16 = q32.to(torch.bfloat16)
         cand = []
-        with torch.inference_mode():
+        with torch.inference_mode(), _fp32_matmul():
             for start in range(0, bank16.shape[0], self.bf16_block):
                 sims = q16 @ bank16[start : start + self.bf16_block].T
                 cand.append(sims.max(dim=1).indices + start)

@@ -51,6 +51,20 @@ def test_cuda_features_match_cpu_fp32(name):
             assert _cos_min(g, r) >= bar, (name, precision)
 
 
+def test_exact_index_searches_on_cuda_in_fp32():
+    rng = np.random.default_rng(3)
+    bank = rng.normal(size=(70000, 152)).astype(np.float32)  # two CUDA blocks, padded dims
+    queries = rng.normal(size=(700, 152)).astype(np.float32)
+    cpu = PatchIndex(use_gpu=False).fit(bank)
+    gpu = PatchIndex().fit(bank)
+    assert not cpu.use_gpu and gpu.use_gpu
+    a, b = cpu.search(queries), gpu.search(queries)
+    assert np.abs(a.distances - b.distances).max() < 1e-5
+    assert np.mean(a.indices == b.indices) > 0.999
+    again = PatchIndex.from_bytes(gpu.to_bytes(), "exact")
+    assert again.use_gpu and np.array_equal(again.search(queries).indices, b.indices)
+
+
 def test_exact_bf16_index_runs_on_cuda_and_matches_exact():
     rng = np.random.default_rng(0)
     bank = rng.normal(size=(20000, 384)).astype(np.float32)
