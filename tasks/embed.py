@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -176,55 +176,69 @@ def _compute(
 ) -> None:
     """Decode (pool) -> embed in batches (``compute_lock()``) -> float16 + mask + put (pool).
 
-    The pool finishes (float16, mask, store) each batch while the model runs the next one: those
-    steps are single-threaded (``anomalydino_core.cpu.set_threads`` keeps BLAS at one thread)
-    and mostly wait on storage. Concurrent tasks (``runtime.concurrency``) can also overlap
+    A batch goes to the model as soon as its images are decoded, while the pool decodes the
+    next ones; the pool finishes (float16, mask, store) each batch while the model runs the
+    next. Those steps are single-threaded (``anomalydino_core.cpu.set_threads`` keeps BLAS at
+    one thread) or wait on storage. Concurrent tasks (``runtime.concurrency``) can also overlap
     storage latency with the model where storage is remote.
     """
     if not compute:
         return
-    t0 = time.perf_counter()
-    views: list[tuple[EmbeddedSource, int, np.ndarray]] = []  # (result, view index, pixels)
-    for res, fut in zip(compute, decoded, strict=True):
-        image, error = fut.result()
-        if error is not None:
-            res.error = error
-            continue
-        res.image_size = (int(image.shape[0]), int(image.shape[1]))
-        if keep_images:
-            res.image = image
-        angles = res.item.angles
-        n_views = 1 if angles is None else len(angles)
-        res.features = [None] * n_views  # type: ignore[list-item]
-        res.masks = [None] * n_views  # type: ignore[list-item]
-        for v in range(n_views):
-            views.append((res, v, image if angles is None else rotate_image(image, angles[v])))
+    waited = {"decode": 0.0, "lock": 0.0, "model": 0.0}
+
+    def views() -> Iterator[tuple[EmbeddedSource, int, np.ndarray]]:
+        for res, fut in zip(compute, decoded, strict=True):
+            t = time.perf_counter()
+            image, error = fut.result()
+            waited["decode"] += time.perf_counter() - t
+            if error is not None:
+                res.error = error
+                continue
+            res.image_size = (int(image.shape[0]), int(image.shape[1]))
+            if keep_images:
+                res.image = image
+            angles = res.item.angles
+            n_views = 1 if angles is None else len(angles)
+            res.features = [None] * n_views  # type: ignore[list-item]
+            res.masks = [None] * n_views  # type: ignore[list-item]
+            for v in range(n_views):
+                yield res, v, image if angles is None else rotate_image(image, angles[v])
+
+    def embed(part: list[tuple[EmbeddedSource, int, np.ndarray]]) -> list[Future]:
+        t = time.perf_counter()
+        with compute_lock():
+            t_locked = time.perf_counter()
+            grids = model.extractor.embed([px for _, _, px in part])
+        waited["lock"] += t_locked - t
+        waited["model"] += time.perf_counter() - t_locked
+        return [
+            pool.submit(_finish_view, res, view, grid, store, model)
+            for (res, view, _), grid in zip(part, grids, strict=True)
+        ]
+
     batch = max(1, model.extractor.batch_size)
     writes: list[Future] = []
-
-    t_decoded = time.perf_counter()
-    with compute_lock():
-        t_locked = time.perf_counter()
-        for start in range(0, len(views), batch):
-            part = views[start : start + batch]
-            grids = model.extractor.embed([px for _, _, px in part])
-            writes += [
-                pool.submit(_finish_view, res, view, grid, store, model)
-                for (res, view, _), grid in zip(part, grids, strict=True)
-            ]
-            del grids
+    part: list[tuple[EmbeddedSource, int, np.ndarray]] = []
+    n_views = 0
+    for view in views():
+        part.append(view)
+        n_views += 1
+        if len(part) == batch:
+            writes += embed(part)
+            part = []
+    if part:
+        writes += embed(part)
+    del part
     t_model = time.perf_counter()
-    n_views = len(views)
-    del views
     for fut in writes:
         fut.result()
     run_logger().debug(
-        "embedded %d views: decoding %.2fs, waiting for the model %.2fs, model %.2fs, "
+        "embedded %d views: waiting for decoding %.2fs, for the model %.2fs, model %.2fs, "
         "float16 + mask + store (after the model) %.2fs",
         n_views,
-        t_decoded - t0,
-        t_locked - t_decoded,
-        t_model - t_locked,
+        waited["decode"],
+        waited["lock"],
+        waited["model"],
         time.perf_counter() - t_model,
     )
     for res in compute:
