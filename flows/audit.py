@@ -191,7 +191,18 @@ def finish_run(
         artifact_key(job, ctx.product, ctx.lot),
         f"{job} {ctx.product}/{ctx.lot} run {ctx.run_id}",
     )
-    run_logger().info("%s", summary.text())
+    run_logger().info(
+        "%s %s/%s run %s: %d images, %d flagged, %d errors in %.1fs; report %s",
+        ctx.method,
+        ctx.product,
+        ctx.lot,
+        ctx.run_id,
+        summary.n_images,
+        summary.n_flagged,
+        summary.n_errors,
+        summary.seconds,
+        report_uri,
+    )
     return summary
 
 

@@ -243,7 +243,7 @@ def reevaluate(
         artifact_key("reevaluate", product, manifest.version),
         f"re-evaluation {product} {manifest.version}",
     )
-    log.info("%s", summary.text())
+    log.info("%s", summary.text().splitlines()[0])  # the CLI prints the whole text
     return summary
 
 
