@@ -27,6 +27,17 @@ import threadpoolctl
 import torch
 
 
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """The CPU multiplies bf16 natively (AMX or AVX512-BF16)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def set_threads(threads: int) -> None:
     """Use ``threads`` threads for torch and faiss, one for numpy's and scipy's BLAS (see above).
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import LoadedBackbone, PreprocessConfig
-from .cpu import keep_freed_memory
+from .cpu import cpu_has_fast_bf16, keep_freed_memory
 
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -23,16 +22,6 @@ def select_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-@functools.cache
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_precision(
@@ -46,7 +35,7 @@ def resolve_precision(
         return "fp32"
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if _cpu_has_fast_bf16() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
 def to_input_tensor(image: np.ndarray, config: PreprocessConfig) -> torch.Tensor:
