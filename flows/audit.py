@@ -35,9 +35,10 @@ from tasks.bank import BankManifest, effective_threshold
 from tasks.embed import SourceImage
 from tasks.layout import check_name, relative_id, valid_names
 from tasks.map_archive import MapArchive
-from tasks.report import ReportRow, list_reports, write_report
+from tasks.report import ReportRow, list_reports, read_report, write_report
+from tasks.report import report_metadata as report_metadata_of
 from tasks.retry import run_logger
-from tasks.score import FEW_SHOT, RunContext, overlay_scale, score_images
+from tasks.score import FEW_SHOT, PreviousOverlays, RunContext, overlay_scale, score_images
 from tasks.storage import exists, list_dirs
 
 
@@ -219,6 +220,32 @@ def open_map_archive(ctx: RunContext, cfg: PipelineConfig, scale: tuple[float, f
     return MapArchive.open(ctx.maps_uri, settings, cfg.storage_config())
 
 
+def previous_overlays(cfg: PipelineConfig, product: str, lot: str) -> PreviousOverlays | None:
+    """The overlays of the lot's latest few-shot report, offered for reuse (``_reuse_overlay``
+    copies one only when the new map equals the stored one exactly)."""
+    storage = cfg.storage_config()
+    reports = list_reports(cfg.layout().lot_reports(product, lot), storage)
+    if not reports:
+        return None
+    try:
+        meta = report_metadata_of(reports[-1], storage)
+        if meta.get("method") != FEW_SHOT or not meta.get("maps_uri"):
+            return None
+        df = read_report(reports[-1], storage)
+    except Exception as exc:  # an unreadable old report only costs the reuse
+        run_logger().warning(
+            "%s/%s: previous report %s unreadable (%s)", product, lot, reports[-1], exc
+        )
+        return None
+    overlays = {
+        str(r.image_id): (str(r.content_sha256), str(r.overlay_uri))
+        for r in df.itertuples()
+        if isinstance(r.overlay_uri, str) and isinstance(r.content_sha256, str)
+    }
+    scale = overlay_scale(meta.get("threshold"), 0.0)
+    return PreviousOverlays(maps_uri=meta["maps_uri"], scale=scale, overlays=overlays)
+
+
 def few_shot_context(
     cfg: PipelineConfig,
     product: str,
@@ -242,6 +269,7 @@ def few_shot_context(
         shots=len(manifest.references),
         reference_version=manifest.version,
         bank_uri=manifest.uri,
+        previous=previous_overlays(cfg, product, lot),
     )
 
 

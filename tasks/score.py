@@ -11,6 +11,7 @@ red), or ``[0, max of the lot's maps]`` when there is no threshold.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,7 @@ from tasks.map_archive import MapArchive, write_overlay_png
 from tasks.models import compute_lock, embedder, pin_threads
 from tasks.report import ReportRow, verdict_of
 from tasks.retry import retry_on_storage_error, run_logger, with_storage_retries
-from tasks.storage import PERMANENT_ERRORS, StorageConfig, join
+from tasks.storage import PERMANENT_ERRORS, StorageConfig, atomic_write_bytes, join
 
 FEW_SHOT = "few_shot"
 ZERO_SHOT = "zero_shot"
@@ -49,6 +50,17 @@ _TASK_OPTIONS: dict[str, Any] = dict(
 
 class ModelMismatchError(RuntimeError):
     """This process would embed with other settings than the run (e.g. other weights)."""
+
+
+@dataclass(frozen=True)
+class PreviousOverlays:
+    """The overlays of the lot's previous run, for reuse: an overlay is copied instead of
+    rendered when the image has the same content hash, the overlay scale is the same and the
+    new anomaly map equals the previous run's stored map exactly (then the PNG is identical)."""
+
+    maps_uri: str
+    scale: tuple[float, float]
+    overlays: dict[str, tuple[str, str]]  # image id -> (content sha256, overlay uri)
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,7 @@ class RunContext:
     shots: int | None = None
     reference_version: str | None = None
     bank_uri: str | None = None
+    previous: PreviousOverlays | None = None
 
     def map_uri(self, image_id: str) -> str:
         return join(self.maps_uri, "maps", image_key(image_id))
@@ -243,11 +256,50 @@ def _record(
     )
     _put_map(archive, item.image_id, item.uri, result.anomaly_map, row.score)
     scale = overlay_scale(ctx.threshold, 0.0)
-    if row.is_anomalous and not _write_overlay_or_skip(
+    if not row.is_anomalous or _reuse_overlay(ctx, item, content_sha256, result.anomaly_map, scale):
+        return row
+    if not _write_overlay_or_skip(
         ctx, item.image_id, item.uri, result.anomaly_map, scale, storage, image
     ):
         row = replace(row, overlay_uri=None)
     return row
+
+
+@functools.lru_cache(maxsize=4)
+def _previous_archive(maps_uri: str, storage: StorageConfig) -> MapArchive | None:
+    try:
+        return MapArchive.open(maps_uri, None, storage, create=False, read_only=True)
+    except (FileNotFoundError, *PERMANENT_ERRORS):
+        return None
+
+
+def _reuse_overlay(
+    ctx: RunContext,
+    item: SourceImage,
+    content_sha256: str | None,
+    amap: np.ndarray,
+    scale: tuple[float, float],
+) -> bool:
+    """Copy the previous run's overlay of ``item`` if it is provably the same PNG (see
+    ``PreviousOverlays``); False when it cannot be reused (then the caller renders it)."""
+    prev = ctx.previous
+    storage = ctx.storage.storage_config()
+    entry = None if prev is None else prev.overlays.get(item.image_id)
+    if entry is None or entry[0] != content_sha256 or tuple(prev.scale) != tuple(scale):
+        return False
+    archive = _previous_archive(prev.maps_uri, storage)
+    try:
+        old = None if archive is None else archive.get(item.image_id)
+        data = read_source(entry[1], storage) if old is not None else None
+    except (KeyError, *PERMANENT_ERRORS):
+        return False
+    with np.errstate(over="ignore", invalid="ignore"):
+        same = old is not None and np.array_equal(old, amap.astype(np.float16))
+    if not same or not data:
+        return False
+    target = ctx.overlay_uri(item.image_id)
+    with_storage_retries(lambda: atomic_write_bytes(target, data, storage), what=f"write {target}")
+    return True
 
 
 # ------------------------------------------------------------------------- few-shot (audit)

@@ -107,6 +107,39 @@ def test_second_run_reuses_every_embedding_with_identical_scores(audited) -> Non
     pd.testing.assert_series_equal(scores(first.report_uri), scores(second.report_uri))
 
 
+def test_second_run_copies_identical_overlays_and_renders_changed_ones(
+    audited, monkeypatch
+) -> None:
+    import tasks.score
+    from tasks.map_archive import MapArchive
+
+    cfg, first, second = audited
+    old = pd.read_parquet(first.report_uri).set_index("image_id")
+    new = pd.read_parquet(second.report_uri).set_index("image_id")
+    flagged = old.index[old["verdict"] == "anomalous"]
+    for image_id in flagged:  # the second run copied (or rendered) the very same PNG
+        assert (
+            Path(new.loc[image_id, "overlay_uri"]).read_bytes()
+            == Path(old.loc[image_id, "overlay_uri"]).read_bytes()
+        )
+        assert new.loc[image_id, "overlay_uri"] != old.loc[image_id, "overlay_uri"]
+    # a third run renders only the overlay whose stored map no longer matches
+    changed = flagged[0]
+    archive = MapArchive.open(second.maps_uri, None, create=False)
+    archive.put(changed, archive.get(changed).astype(np.float32) * 0.5)
+    rendered = []
+    real = tasks.score._write_overlay_or_skip
+
+    def counting(ctx, image_id, *args, **kwargs):
+        rendered.append(image_id)
+        return real(ctx, image_id, *args, **kwargs)
+
+    monkeypatch.setattr(tasks.score, "_write_overlay_or_skip", counting)
+    third = audit_lot("bottle", "lot-1", cfg)
+    assert rendered == [changed]
+    assert third.n_flagged == len(flagged)
+
+
 def test_interrupted_run_resumes(audited, tmp_path: Path, mvtec_root) -> None:
     """Half of a lot embedded by a run that then died: the next run only embeds the rest."""
     _, first, _ = audited
