@@ -256,7 +256,9 @@ def _record(
     )
     _put_map(archive, item.image_id, item.uri, result.anomaly_map, row.score)
     scale = overlay_scale(ctx.threshold, 0.0)
-    if not row.is_anomalous or _reuse_overlay(ctx, item, content_sha256, result.anomaly_map, scale):
+    if not row.is_anomalous or _reuse_overlay(
+        ctx, item, content_sha256, result.anomaly_map, scale, storage
+    ):
         return row
     if not _write_overlay_or_skip(
         ctx, item.image_id, item.uri, result.anomaly_map, scale, storage, image
@@ -279,11 +281,11 @@ def _reuse_overlay(
     content_sha256: str | None,
     amap: np.ndarray,
     scale: tuple[float, float],
+    storage: StorageConfig,
 ) -> bool:
     """Copy the previous run's overlay of ``item`` if it is provably the same PNG (see
     ``PreviousOverlays``); False when it cannot be reused (then the caller renders it)."""
     prev = ctx.previous
-    storage = ctx.storage.storage_config()
     entry = None if prev is None else prev.overlays.get(item.image_id)
     if entry is None or entry[0] != content_sha256 or tuple(prev.scale) != tuple(scale):
         return False
