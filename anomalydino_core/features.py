@@ -128,16 +128,9 @@ class PatchFeatureExtractor:
             out = self.module(batch)
         return out.float().cpu().numpy()
 
-    def prepare(self, image: np.ndarray) -> torch.Tensor:
-        """The model input of one RGB uint8 image (thread-safe: run it beside the model)."""
-        return to_input_tensor(image, self.preprocess)
-
     def embed(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Patch-feature grids (gh, gw, C) float32 for RGB uint8 images, in input order."""
-        return self.embed_prepared([self.prepare(img) for img in images])
-
-    def embed_prepared(self, tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
-        """Like ``embed`` for inputs already made by ``prepare``."""
+        tensors = [to_input_tensor(img, self.preprocess) for img in images]
         by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, t in enumerate(tensors):
             by_size[tuple(t.shape)].append(i)

@@ -111,7 +111,8 @@ class FewShotScorer:
         foregrounds: Sequence[np.ndarray | None] | None = None,
     ) -> list[np.ndarray]:
         """(gh, gw) distance grids of several images, searched in one bank query (masked-out
-        patches: 0, not searched)."""
+        patches: 0, not searched). The same distances as one ``score`` per image, up to the last
+        float bit (BLAS blocks the products by query count): callers keep their batches fixed."""
         foregrounds = foregrounds or [None] * len(grids)
         queries, keeps = [], []
         for grid, fg in zip(grids, foregrounds, strict=True):

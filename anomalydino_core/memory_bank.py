@@ -216,13 +216,11 @@ class PatchIndex:
         return self.search(queries, 1).distances[:, 0]
 
     def save(self, path: str | Path) -> None:
-        """Write ``path`` (faiss bytes, no pickle) and ``path.json`` (metadata) atomically."""
-        if self._index is None:
-            raise RuntimeError("nothing to save: call fit() first")
+        """Write ``path`` (``to_bytes()``) and ``path.json`` (metadata) atomically."""
         path = Path(path)
-        raw = faiss.serialize_index(self._index)
+        raw = self.to_bytes()
         tmp = path.with_name(path.name + ".tmp")
-        raw.tofile(tmp)
+        tmp.write_bytes(raw)
         meta = {
             "format": _FORMAT,
             "kind": self.kind,

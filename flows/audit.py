@@ -36,7 +36,7 @@ from tasks.embed import SourceImage
 from tasks.layout import check_name, relative_id, valid_names
 from tasks.map_archive import MapArchive
 from tasks.report import ReportRow, list_reports, read_report, write_report
-from tasks.report import report_metadata as report_metadata_of
+from tasks.report import report_metadata as read_report_metadata
 from tasks.retry import run_logger
 from tasks.score import FEW_SHOT, PreviousOverlays, RunContext, overlay_scale, score_images
 from tasks.storage import exists, list_dirs
@@ -228,7 +228,7 @@ def previous_overlays(cfg: PipelineConfig, product: str, lot: str) -> PreviousOv
     if not reports:
         return None
     try:
-        meta = report_metadata_of(reports[-1], storage)
+        meta = read_report_metadata(reports[-1], storage)
         if meta.get("method") != FEW_SHOT or not meta.get("maps_uri"):
             return None
         df = read_report(reports[-1], storage)

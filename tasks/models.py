@@ -4,10 +4,11 @@ Thread counts are part of a run's settings, not of the machine it lands on: torc
 and BLAS reductions give bit-different results with different numbers of threads, so every task
 pins the count resolved once by the flow (``ModelContext.threads``).
 
-``compute_lock()``: one multi-threaded computation (a forward pass, a nearest-neighbour search, a
-mask's SVD) at a time per process. Two OpenMP/BLAS thread teams running at once on the same
-cores spin against each other and run 10-30x slower; the lock lets concurrent tasks overlap
-their I/O, decoding and encoding with the computation instead.
+``compute_lock()``: one multi-threaded computation (a forward pass, a nearest-neighbour search)
+at a time per process. Two OpenMP/BLAS thread teams running at once on the same cores spin
+against each other and run 10-30x slower; the lock lets concurrent tasks overlap their I/O,
+decoding and encoding with the computation instead. numpy/scipy BLAS runs single-threaded
+(``pin_threads``), so the PCA masks need no lock.
 """
 
 from __future__ import annotations

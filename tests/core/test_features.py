@@ -41,6 +41,27 @@ def test_decodes_every_mode_to_rgb_uint8():
     assert np.abs(out_rgba.astype(int) - comp).max() <= 1
 
 
+def test_plain_pngs_take_the_opencv_path_and_decode_exactly_like_pil(monkeypatch):
+    import anomalydino_core.images as images
+
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 255, (21, 33, 3), dtype=np.uint8), "RGB")
+    for img in (rgb, rgb.convert("L"), rgb.convert("P")):
+        data = _png(img)
+        fast = images._decode_plain_png(data)
+        assert fast is not None  # 8-bit grey, RGB and opaque palette PNGs use libpng directly
+        assert np.array_equal(fast, np.asarray(img.convert("RGB")))  # channel order included
+        assert np.array_equal(decode_image(data), fast)
+    # a PNG the fast path refuses (alpha) still decodes, through PIL
+    assert images._decode_plain_png(_png(rgb.convert("RGBA"))) is None
+    # truncated anywhere inside the pixel data: an error, never a partial image
+    data = _png(rgb)
+    for cut in (40, len(data) // 2, len(data) - 40):
+        assert images._decode_plain_png(data[:cut]) is None
+        with pytest.raises(ImageDecodeError, match="cut.png"):
+            decode_image(data[:cut], "cut.png")
+
+
 def test_bad_inputs_name_the_item(tmp_path):
     with pytest.raises(ImageDecodeError, match="empty.png: empty file"):
         decode_image(b"", "empty.png")

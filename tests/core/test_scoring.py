@@ -121,6 +121,22 @@ def test_patch_index_exact_cosine_and_round_trip(tmp_path):
         PatchIndex.load(tmp_path / "bank.faiss")
 
 
+def test_one_search_for_several_images_equals_one_search_each():
+    rng = np.random.default_rng(4)
+    scorer = FewShotScorer().fit([rng.normal(size=(12, 12, 32)).astype(np.float32)])
+    grids = [rng.normal(size=(12, 12, 32)).astype(np.float32) for _ in range(4)]
+    masks = [rng.random((12, 12)) > 0.4, None, np.zeros((12, 12), bool), rng.random((12, 12)) > 0.7]
+    together = scorer.patch_distances(grids, masks)
+    for grid, fg, patch in zip(grids, masks, together, strict=True):
+        alone = scorer.score(grid, image_size=(48, 48), foreground=fg)
+        # same rows, same distances; BLAS blocking may differ in the last float bit
+        assert np.allclose(patch, alone.patch_distances, rtol=0, atol=1e-6)
+        assert np.array_equal(patch == 0, alone.patch_distances == 0)
+        if fg is not None:
+            assert (patch[~fg] == 0).all()
+    assert (together[2] == 0).all() and (together[1] > 0).all()
+
+
 def test_flat_index_pads_odd_dims_and_round_trips_through_bytes():
     rng = np.random.default_rng(1)
     bank = rng.normal(size=(300, 152)).astype(np.float32)
