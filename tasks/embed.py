@@ -27,6 +27,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from anomalydino_core.augment import rotate_image
+from anomalydino_core.half import float16_checked, to_float32
 from anomalydino_core.images import ImageDecodeError, decode_image
 from anomalydino_core.masking import foreground_mask
 from tasks.embedding_store import EmbeddedImage, EmbeddingStore
@@ -154,7 +155,7 @@ def embed_sources(
             return
         for sid in ids:
             entry = store.get(sid)
-            res.features.append(entry.features.astype(np.float32))
+            res.features.append(to_float32(entry.features))
             res.masks.append(entry.mask)
             res.image_size = entry.image_size
 
@@ -250,12 +251,11 @@ def _finish_view(
     res: EmbeddedSource, view: int, grid: np.ndarray, store: EmbeddingStore, model: Embedder
 ) -> None:
     """Round to float16, compute the foreground mask, store the view."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        half = grid.astype(np.float16)
-    if not np.isfinite(half).all():
+    half, finite = float16_checked(grid)
+    if not finite:
         res.error = f"{res.item.image_id}: features not finite in float16 (NaN/inf or overflow)"
         return
-    widened = half.astype(np.float32)
+    widened = to_float32(half)
     # single-threaded BLAS (anomalydino_core.cpu.set_threads): no compute_lock() needed
     mask = foreground_mask(widened, threshold=model.mask_threshold)
     sid = res.item.store_ids(res.content_sha256)[view]

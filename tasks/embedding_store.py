@@ -32,6 +32,8 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.errors import ContainsGroupError, GroupNotFoundError, NodeNotFoundError
 
+from anomalydino_core.half import float16_checked
+from tasks import zarr_nodes
 from tasks.storage import StorageConfig, zarr_store
 
 FORMAT_VERSION = 1
@@ -179,13 +181,28 @@ class EmbeddedImage:
 
 
 class ZarrRoot:
-    """A Zarr v3 root at a URI holding one entry per image (opened with ``open_root``)."""
+    """A Zarr v3 root at a URI holding one entry per image (opened with ``open_root``) under
+    one child group (``children[0]``)."""
+
+    children: tuple[str, ...] = ()
 
     def __init__(self, uri: str, store: Any, settings: dict[str, Any], read_only: bool) -> None:
         self.uri = uri
         self._store = store
         self.settings = settings
         self.read_only = read_only
+        self._children_checked = False
+
+    def _ensure_children(self) -> None:
+        """Create the child groups if missing (a run killed while creating the store), once
+        per handle: entries are written object by object, without zarr creating parents."""
+        if self._children_checked:
+            return
+        for child in self.children:
+            if not zarr_nodes.exists(self._store, f"{child}/zarr.json"):
+                with contextlib.suppress(ContainsGroupError):
+                    zarr.create_group(self._store, path=child)
+        self._children_checked = True
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r}, read_only={self.read_only})"
@@ -193,6 +210,8 @@ class ZarrRoot:
 
 class EmbeddingStore(ZarrRoot):
     """Embeddings of one (product, backbone, preprocessing) at a URI; see module docstring."""
+
+    children = ("images",)
 
     @classmethod
     def open(
@@ -216,7 +235,7 @@ class EmbeddingStore(ZarrRoot):
             storage,
             create=create,
             read_only=read_only,
-            children=("images",),
+            children=cls.children,
         )
         return cls(uri, store, stored, read_only)
 
@@ -247,9 +266,8 @@ class EmbeddingStore(ZarrRoot):
         """
         if self.read_only:
             raise PermissionError(f"{self.uri}: opened read-only, cannot put {item.image_id!r}")
-        with np.errstate(over="ignore", invalid="ignore"):
-            feats = np.ascontiguousarray(item.features, dtype=np.float16)
-        if not np.isfinite(feats).all():
+        feats, finite = float16_checked(item.features)
+        if not finite:
             raise ValueError(
                 f"{self.uri}: image {item.image_id!r}: features not finite in float16 "
                 "(NaN/inf or |value| > 65504)"
@@ -266,15 +284,21 @@ class EmbeddingStore(ZarrRoot):
             "complete": False,
         }
         path = self._path(item.image_id)
+        chunk, meta = zarr_nodes.array_files(
+            f"{path}/features", feats, compressor=feature_compressor()
+        )
+        if item.mask is not None:
+            mask = np.ascontiguousarray(item.mask, dtype=np.bool_)
+            mask_chunk, mask_meta = zarr_nodes.array_files(f"{path}/mask", mask)
+            chunk.update(mask_chunk)
+            meta.update(mask_meta)
+        steps = [{**chunk, **meta}, zarr_nodes.group_files(path, {**attrs, "complete": True})]
         try:
-            group = zarr.create_group(self._store, path=path, attributes=attrs, overwrite=True)
-            group.create_array(
-                "features", data=feats, chunks=feats.shape, compressors=feature_compressor()
-            )
-            if item.mask is not None:
-                mask = np.ascontiguousarray(item.mask, dtype=np.bool_)
-                group.create_array("mask", data=mask, chunks=mask.shape)
-            group.update_attributes({"complete": True})
+            self._ensure_children()
+            if zarr_nodes.exists(self._store, f"{path}/zarr.json"):
+                # replacing an entry: hide the old one first (readers never mix old and new)
+                steps.insert(0, zarr_nodes.group_files(path, attrs))
+            zarr_nodes.write_steps(self._store, steps)
         except Exception as exc:
             raise OSError(f"{self.uri}: writing image {item.image_id!r} failed: {exc}") from exc
 

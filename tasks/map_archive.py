@@ -21,6 +21,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from anomalydino_core.half import float16_checked
+from tasks import zarr_nodes
 from tasks.embedding_store import (
     NOT_FOUND_ERRORS,
     ZarrRoot,
@@ -42,6 +44,8 @@ def map_compressor() -> BloscCodec:
 
 class MapArchive(ZarrRoot):
     """Anomaly maps of one lot at a URI (see module docstring)."""
+
+    children = ("maps",)
 
     @classmethod
     def open(
@@ -68,7 +72,7 @@ class MapArchive(ZarrRoot):
             storage,
             create=create,
             read_only=read_only,
-            children=("maps",),
+            children=cls.children,
         )
         return cls(uri, store, stored, read_only)
 
@@ -102,9 +106,8 @@ class MapArchive(ZarrRoot):
             raise PermissionError(f"{self.uri}: opened read-only, cannot put {image_id!r}")
         if amap.ndim != 2 or 0 in amap.shape:
             raise ValueError(f"{self.uri}: map of {image_id!r} must be (H, W), got {amap.shape}")
-        with np.errstate(over="ignore", invalid="ignore"):
-            data = np.ascontiguousarray(amap, dtype=np.float16)
-        if not np.isfinite(data).all():
+        data, finite = float16_checked(amap)
+        if not finite:
             raise ValueError(
                 f"{self.uri}: map of {image_id!r} not finite in float16 (NaN/inf or > 65504)"
             )
@@ -113,17 +116,23 @@ class MapArchive(ZarrRoot):
         if clash:
             raise ValueError(f"{self.uri}: map of {image_id!r}: reserved attributes {clash}")
         attrs = {**extra, "image_id": image_id, "source_uri": source_uri, "complete": False}
+        path = self._path(image_id)
+        compressor = map_compressor()
+        chunk, meta = zarr_nodes.array_files(path, data, compressor=compressor, attributes=attrs)
+        done = zarr_nodes.array_metadata(
+            path,
+            data.shape,
+            data.dtype,
+            compressor=compressor,
+            attributes={**attrs, "complete": True},
+        )
+        steps = [chunk, done]
         try:
-            arr = zarr.create_array(
-                self._store,
-                name=self._path(image_id),
-                data=data,
-                chunks=data.shape,
-                compressors=map_compressor(),
-                attributes=attrs,
-                overwrite=True,
-            )
-            arr.update_attributes({"complete": True})
+            self._ensure_children()
+            if zarr_nodes.exists(self._store, next(iter(meta))):
+                # replacing a map: hide the old one first (readers never mix old and new)
+                steps.insert(0, meta)
+            zarr_nodes.write_steps(self._store, steps)
         except Exception as exc:
             raise OSError(f"{self.uri}: writing map of {image_id!r} failed: {exc}") from exc
 

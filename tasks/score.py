@@ -25,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from anomalydino_core.config import ModelSettings
 from anomalydino_core.few_shot import ScoreResult
+from anomalydino_core.half import to_float16, to_float32
 from anomalydino_core.images import ImageDecodeError, decode_image
 from anomalydino_core.zero_shot import LazyFeatureSource, MutualScoringConfig, score_mutual
 from tasks.bank import BankManifest, load_scorer
@@ -295,8 +296,7 @@ def _reuse_overlay(
         data = read_source(entry[1], storage) if old is not None else None
     except (KeyError, *PERMANENT_ERRORS):
         return False
-    with np.errstate(over="ignore", invalid="ignore"):
-        same = old is not None and np.array_equal(old, amap.astype(np.float16))
+    same = old is not None and np.array_equal(old, to_float16(amap))
     if not same or not data:
         return False
     target = ctx.overlay_uri(item.image_id)
@@ -417,7 +417,7 @@ def rescore_stored(
         found = [(item, entry) for item, (entry, _) in zip(items, loaded, strict=True) if entry]
         with compute_lock():
             patches = scorer.patch_distances(
-                [entry.features.astype(np.float32) for _, entry in found],
+                [to_float32(entry.features) for _, entry in found],
                 [entry.mask if ctx.use_mask else None for _, entry in found],
             )
         finished = {
@@ -500,9 +500,11 @@ def score_zero_shot_block(
     ids = [im.item.store_id for im in images]
 
     def loader(i: int) -> np.ndarray:
-        return with_storage_retries(
-            lambda: store.get(ids[i]).features, what=f"read embedding {ids[i]}"
-        ).astype(np.float32)
+        return to_float32(
+            with_storage_retries(
+                lambda: store.get(ids[i]).features, what=f"read embedding {ids[i]}"
+            )
+        )
 
     masks: list[np.ndarray | None] = [None] * len(images)
     if ctx.use_mask:

@@ -10,15 +10,18 @@ import cv2
 import numpy as np
 import pytest
 import zarr
+from zarr.storage import LocalStore
 
 from tasks import storage as st
+from tasks import zarr_nodes
 from tasks.embedding_store import (
     EmbeddedImage,
     EmbeddingStore,
     StoreSettingsError,
+    feature_compressor,
     image_key,
 )
-from tasks.map_archive import MapArchive, render_overlay, write_overlay_png
+from tasks.map_archive import MapArchive, map_compressor, render_overlay, write_overlay_png
 
 SETTINGS = {"backbone": "dinov2_vits14", "weights_sha256": "ab" * 32, "resolution": 448}
 
@@ -189,17 +192,15 @@ def test_embedding_store_incomplete_invisible_then_overwritten(base, monkeypatch
     store = EmbeddingStore.open(st.join(root, "emb.zarr"), SETTINGS, cfg)
     item = _image("killed.png", seed=3)
 
-    def killed(self, *_a, **_k):
-        raise RuntimeError("worker killed")
-
     # The run dies after the arrays are written but before the completion flag.
     with monkeypatch.context() as mp:
-        mp.setattr(zarr.Group, "update_attributes", killed)
+        _die_before_last_step(mp)
         with pytest.raises(OSError, match="killed.png"):
             store.put(item)
-    # The partial group is really there, but nobody sees it.
-    node = zarr.open_group(store._store, path=f"images/{image_key('killed.png')}", mode="r")
-    assert node.attrs["complete"] is False and "features" in node
+    # The partial entry's arrays are really there, but nobody sees them.
+    path = f"images/{image_key('killed.png')}"
+    partial = zarr.open_array(store._store, path=f"{path}/features", mode="r")
+    np.testing.assert_array_equal(partial[...], item.features)
     assert not store.has("killed.png")
     assert not store.has("killed.png", item.content_sha256)
     assert store.ids() == []
@@ -209,6 +210,15 @@ def test_embedding_store_incomplete_invisible_then_overwritten(base, monkeypatch
     store.put(item)
     assert store.has("killed.png", item.content_sha256)
     np.testing.assert_array_equal(store.get("killed.png").features, item.features)
+    # Replacing a complete entry and dying halfway hides the old one: never old and new mixed.
+    changed = _image("killed.png", seed=4, grid=(3, 5))
+    with monkeypatch.context() as mp:
+        _die_before_last_step(mp)
+        with pytest.raises(OSError, match="killed.png"):
+            store.put(changed)
+    assert not store.has("killed.png") and store.ids() == []
+    store.put(changed)
+    assert store.get("killed.png").features.shape == (3, 5, 16)
 
 
 def test_embedding_store_has_is_idempotence_key(base) -> None:
@@ -262,15 +272,63 @@ def test_map_archive_round_trip_and_completeness(base, monkeypatch) -> None:
         MapArchive.open(uri, {"lot": "lot-8"}, cfg)
 
     with monkeypatch.context() as mp:
-        mp.setattr(zarr.Array, "update_attributes", lambda *a, **k: 1 / 0)
+        _die_before_last_step(mp)
         with pytest.raises(OSError, match="img-2"):
             archive.put("img-2", amap)
-    assert archive.ids() == ["img-1"] and not archive.has("img-2")
+        # replacing a map and dying halfway hides the old one
+        with pytest.raises(OSError, match="img-1"):
+            archive.put("img-1", amap[:5])
+    assert archive.ids() == [] and not archive.has("img-2") and not archive.has("img-1")
     with pytest.raises(KeyError, match="img-2"):
         archive.get("img-2")
     archive.put("img-2", amap * 0)
+    archive.put("img-1", amap[:5])
     assert archive.ids() == ["img-1", "img-2"]
     assert float(archive.get("img-2").max()) == 0.0
+    np.testing.assert_array_equal(archive.get("img-1"), amap[:5].astype(np.float16))
+
+
+def test_direct_zarr_writes_equal_zarrs_own(tmp_path: Path) -> None:
+    """``tasks.zarr_nodes`` writes byte for byte the objects zarr's API writes."""
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((7, 5, 24)).astype(np.float16)
+    mask = rng.random((7, 5)) > 0.5
+    amap = (rng.random((33, 21)) * 3).astype(np.float16)
+    by_zarr, direct = LocalStore(tmp_path / "zarr"), LocalStore(tmp_path / "direct")
+    group = zarr.create_group(by_zarr, path="e", attributes={"x": [1, 2], "complete": True})
+    group.create_array("features", data=feats, chunks=feats.shape, compressors=feature_compressor())
+    group.create_array("mask", data=mask, chunks=mask.shape)
+    zarr.create_array(
+        by_zarr, name="m", data=amap, chunks=amap.shape, compressors=map_compressor(),
+        attributes={"score": 0.5},
+    )  # fmt: skip
+    files: dict[str, bytes] = {}
+    for path, data, compressor, attrs in [
+        ("e/features", feats, feature_compressor(), None),
+        ("e/mask", mask, None, None),
+        ("m", amap, map_compressor(), {"score": 0.5}),
+    ]:
+        chunk, meta = zarr_nodes.array_files(path, data, compressor=compressor, attributes=attrs)
+        files |= chunk | meta
+    files |= zarr_nodes.group_files("e", {"x": [1, 2], "complete": True})
+    zarr_nodes.write_steps(direct, [files])
+    written = sorted(p.relative_to(tmp_path / "zarr") for p in (tmp_path / "zarr").rglob("*"))
+    written = [p for p in written if (tmp_path / "zarr" / p).is_file() and str(p) != "zarr.json"]
+    assert sorted(map(str, written)) == sorted(files)
+    for rel in written:
+        assert (tmp_path / "direct" / rel).read_bytes() == (tmp_path / "zarr" / rel).read_bytes()
+    np.testing.assert_array_equal(zarr.open_array(direct, path="m", mode="r")[...], amap)
+
+
+def _die_before_last_step(mp: pytest.MonkeyPatch) -> None:
+    """Make every entry write stop (as if the worker were killed) before its last step."""
+    write = zarr_nodes.write_steps
+
+    def killed(store, steps):
+        write(store, steps[:-1])
+        raise RuntimeError("worker killed")
+
+    mp.setattr(zarr_nodes, "write_steps", killed)
 
 
 def test_overlay_png(base) -> None:
