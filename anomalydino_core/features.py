@@ -39,12 +39,23 @@ def resolve_precision(
 
 
 def to_input_tensor(image: np.ndarray, config: PreprocessConfig) -> torch.Tensor:
-    """RGB uint8 (H, W, 3) -> normalised float32 (3, h, w) at the aligned input size."""
+    """RGB uint8 (H, W, 3) -> normalised float32 (3, h, w) at the aligned input size.
+
+    With ``resize_dtype="uint8"`` torch's 8-bit antialiased resize runs (PIL's filter: within
+    one grey level of PIL on real images, against up to 5 levels for the float resize, and
+    10x faster: 1 ms instead of 10 for 900x900 -> 448x448).
+    """
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
     height, width = config.input_size(image.shape[:2])
-    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float() / 255.0
-    if (height, width) != image.shape[:2]:
+    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None]
+    resize = (height, width) != image.shape[:2]
+    if resize and config.resize_dtype == "uint8":
+        x = F.interpolate(x, size=(height, width), mode=config.interpolation,
+                          antialias=config.antialias)  # fmt: skip
+        resize = False
+    x = x.float() / 255.0
+    if resize:
         x = F.interpolate(
             x, size=(height, width), mode=config.interpolation, antialias=config.antialias
         ).clamp_(0.0, 1.0)

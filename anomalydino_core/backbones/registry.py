@@ -17,6 +17,8 @@ class PreprocessConfig:
 
     The smaller edge is resized to ``resolution``; the larger edge to the nearest multiple of
     ``size_multiple`` of the proportional length, so the patch grid covers the whole image.
+    ``resize_dtype="uint8"`` resizes the 8-bit image and rounds to 8 bits, as PIL (and so the
+    official torchvision-on-PIL preprocessing) does; ``"float32"`` resizes the [0, 1] floats.
     """
 
     resolution: int
@@ -26,8 +28,13 @@ class PreprocessConfig:
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     antialias: bool = True
+    resize_dtype: str = "uint8"
 
     def __post_init__(self) -> None:
+        if self.resize_dtype not in ("uint8", "float32"):
+            raise ValueError(
+                f"resize_dtype must be 'uint8' or 'float32', not {self.resize_dtype!r}"
+            )
         if self.resolution <= 0 or self.resolution % self.size_multiple:
             raise ValueError(
                 f"resolution {self.resolution} must be a positive multiple of {self.size_multiple}"

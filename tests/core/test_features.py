@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -104,6 +105,29 @@ def test_input_tensor_is_normalised_whole_image():
     assert x.shape == (3, 448, 602)
     right = x[:, :, -4:].mean().item()
     assert right > 1.0  # white after ImageNet normalisation
+
+
+@pytest.mark.parametrize("name", ["dinov2_vits14", "efficientnet_lite0"])
+def test_resize_matches_pil_like_the_official_preprocessing(mvtec_root, name):
+    """The 8-bit resize is PIL's bicubic (what torchvision does to PIL images) within one grey
+    level; the float resize, kept as an option, is several levels off."""
+    path = sorted((mvtec_root / "bottle" / "test" / "broken_large").glob("*.png"))[0]
+    pil = Image.open(path).convert("RGB")
+    cfg = get_backbone_spec(name).preprocess(448)
+    assert cfg.resize_dtype == "uint8" and cfg.interpolation == "bicubic"
+    size = cfg.input_size((pil.height, pil.width))
+    resized = np.asarray(pil.resize(size[::-1], Image.BICUBIC), np.float32) / 255.0
+    reference = (resized - np.float32(cfg.mean)) / np.float32(cfg.std)
+
+    def grey_levels_off(c) -> np.ndarray:
+        x = to_input_tensor(np.asarray(pil), c).permute(1, 2, 0).numpy()
+        return np.abs(x - reference) * np.float32(cfg.std) * 255.0
+
+    off = grey_levels_off(cfg)
+    assert off.max() <= 1.001 and off.mean() < 0.01, (off.max(), off.mean())
+    assert grey_levels_off(replace(cfg, resize_dtype="float32")).max() > 2.0
+    with pytest.raises(ValueError, match="resize_dtype"):
+        replace(cfg, resize_dtype="float16")
 
 
 def test_batching_matches_one_by_one():
