@@ -51,8 +51,9 @@ def to_input_tensor(image: np.ndarray, config: PreprocessConfig) -> torch.Tensor
     x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None]
     resize = (height, width) != image.shape[:2]
     if resize and config.resize_dtype == "uint8":
-        x = F.interpolate(x, size=(height, width), mode=config.interpolation,
-                          antialias=config.antialias)  # fmt: skip
+        x = F.interpolate(
+            x, size=(height, width), mode=config.interpolation, antialias=config.antialias
+        )
         resize = False
     x = x.float() / 255.0
     if resize:

@@ -57,6 +57,4 @@ def to_float32(values: np.ndarray) -> np.ndarray:
 def float16_checked(values: np.ndarray) -> tuple[np.ndarray, bool]:
     """``(values as float16, every value finite in float16)``."""
     array = np.asarray(values)
-    if array.dtype == np.float16:
-        return np.ascontiguousarray(array), finite_in_float16(to_float32(array))
     return to_float16(array), finite_in_float16(to_float32(array))

@@ -181,8 +181,8 @@ class EmbeddedImage:
 
 
 class ZarrRoot:
-    """A Zarr v3 root at a URI holding one entry per image (opened with ``open_root``) under
-    one child group (``children[0]``)."""
+    """A Zarr v3 root at a URI holding one entry per image (opened with ``open_root``); the
+    entries live under its child groups (``children``)."""
 
     children: tuple[str, ...] = ()
 

@@ -129,7 +129,7 @@ class MapArchive(ZarrRoot):
         steps = [chunk, done]
         try:
             self._ensure_children()
-            if zarr_nodes.exists(self._store, next(iter(meta))):
+            if zarr_nodes.exists(self._store, f"{path}/zarr.json"):
                 # replacing a map: hide the old one first (readers never mix old and new)
                 steps.insert(0, meta)
             zarr_nodes.write_steps(self._store, steps)

@@ -51,7 +51,7 @@ def _numcodec(spec: Mapping[str, Any]) -> Any:
         return numcodecs.Blosc.from_config(config)
     if name == "zstd":
         return numcodecs.Zstd(level=config["level"], checksum=config["checksum"])
-    raise NotImplementedError(f"direct zarr writes support blosc and zstd, not {name!r}")
+    raise ValueError(f"direct zarr writes support blosc and zstd, not {name!r}")
 
 
 _TEMPLATES: dict[tuple[tuple[int, ...], str, str], _ArrayTemplate] = {}
@@ -79,19 +79,19 @@ def _new_template(shape: tuple[int, ...], dtype: str, compressor: Any | None) ->
     metadata = json.loads(raw)
     encoding = metadata["chunk_key_encoding"]
     if encoding["name"] != "default":
-        raise NotImplementedError(f"chunk key encoding {encoding['name']!r}")
+        raise ValueError(f"chunk key encoding {encoding['name']!r}")
     separator = encoding.get("configuration", {}).get("separator", "/")
     chunk_key = separator.join(["c", *("0" for _ in shape)])
     first, *rest = metadata["codecs"]
     if first["name"] != "bytes":
-        raise NotImplementedError(f"first codec {first['name']!r}, expected 'bytes'")
+        raise ValueError(f"first codec {first['name']!r}, expected 'bytes'")
     endian = (first.get("configuration") or {}).get("endian")
     return _ArrayTemplate(metadata, chunk_key, endian, tuple(_numcodec(c) for c in rest))
 
 
 def _checked(compressor: Any | None) -> Any | None:
     if compressor is not None and not isinstance(compressor, zarr.codecs.BloscCodec):
-        raise NotImplementedError(f"direct zarr writes support BloscCodec, not {compressor!r}")
+        raise ValueError(f"direct zarr writes support BloscCodec, not {compressor!r}")
     return compressor
 
 

@@ -318,6 +318,8 @@ def test_direct_zarr_writes_equal_zarrs_own(tmp_path: Path) -> None:
     for rel in written:
         assert (tmp_path / "direct" / rel).read_bytes() == (tmp_path / "zarr" / rel).read_bytes()
     np.testing.assert_array_equal(zarr.open_array(direct, path="m", mode="r")[...], amap)
+    with pytest.raises(ValueError, match="BloscCodec"):
+        zarr_nodes.array_files("z", amap, compressor=zarr.codecs.ZstdCodec())
 
 
 def _die_before_last_step(mp: pytest.MonkeyPatch) -> None:
