@@ -46,7 +46,7 @@ NOT_FOUND_ERRORS = (GroupNotFoundError, NodeNotFoundError, FileNotFoundError, Ke
 def complete_ids(store: Any, path: str, *, groups: bool) -> list[str]:
     """Sorted ``image_id`` of the complete entries (groups or arrays) under ``path``."""
     try:
-        parent = zarr.open_group(store, path=path, mode="r")
+        parent = zarr.open_group(store, path=path, mode="r", zarr_format=3)
     except NOT_FOUND_ERRORS:
         return []
     with warnings.catch_warnings():  # entries being written have no metadata yet
@@ -110,7 +110,7 @@ def open_root(
     wanted = normalize_settings(settings) if settings is not None else None
     store = zarr_store(uri, storage, read_only=read_only)
     try:
-        root = zarr.open_group(store, mode="r")
+        root = zarr.open_group(store, mode="r", zarr_format=3)
     except NOT_FOUND_ERRORS:
         root = None
     if root is None:
@@ -125,7 +125,7 @@ def open_root(
         for child in children:
             with contextlib.suppress(ContainsGroupError):
                 zarr.create_group(store, path=child)
-        root = zarr.open_group(store, mode="r")
+        root = zarr.open_group(store, mode="r", zarr_format=3)
     meta = root.attrs.get(_META)
     if not isinstance(meta, dict) or meta.get("kind") != kind:
         found = meta.get("kind") if isinstance(meta, dict) else "no anomalydino metadata"
@@ -244,7 +244,7 @@ class EmbeddingStore(ZarrRoot):
 
     def _complete_attrs(self, image_id: str) -> dict[str, Any] | None:
         try:
-            group = zarr.open_group(self._store, path=self._path(image_id), mode="r")
+            group = zarr.open_group(self._store, path=self._path(image_id), mode="r", zarr_format=3)
         except NOT_FOUND_ERRORS:
             return None
         attrs = dict(group.attrs)
@@ -314,7 +314,7 @@ class EmbeddingStore(ZarrRoot):
         attrs = self._complete_attrs(image_id)
         if attrs is None:
             raise KeyError(f"{self.uri}: no complete embedding for image {image_id!r}")
-        group = zarr.open_group(self._store, path=self._path(image_id), mode="r")
+        group = zarr.open_group(self._store, path=self._path(image_id), mode="r", zarr_format=3)
         features = np.asarray(group["features"][...])
         mask = np.asarray(group["mask"][...], dtype=np.bool_) if attrs.get("has_mask") else None
         return EmbeddedImage(

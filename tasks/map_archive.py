@@ -81,7 +81,7 @@ class MapArchive(ZarrRoot):
 
     def _complete_array(self, image_id: str) -> Any | None:
         try:
-            arr = zarr.open_array(self._store, path=self._path(image_id), mode="r")
+            arr = zarr.open_array(self._store, path=self._path(image_id), mode="r", zarr_format=3)
         except NOT_FOUND_ERRORS:
             return None
         attrs = arr.attrs
