@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -109,7 +109,7 @@ def _decode(item: SourceImage, data: bytes) -> tuple[np.ndarray | None, str | No
 def embed_sources(
     items: Sequence[SourceImage],
     store: EmbeddingStore,
-    model: Embedder,
+    model: Embedder | Callable[[], Embedder],
     *,
     threads: int,
     pool: ThreadPoolExecutor,
@@ -120,7 +120,9 @@ def embed_sources(
     """Make sure every item is in ``store``; returns one result per item, in input order.
 
     Unreadable/undecodable images give an error result (never an exception). Transient storage
-    errors propagate (the caller's task retries; finished images are not redone).
+    errors propagate (the caller's task retries; finished images are not redone). ``model``
+    may be a function returning the model: it is then called only if an image needs embedding
+    (a re-run that reuses every embedding never loads the backbone).
     ``keep_images`` keeps decoded pixels on the results; ``load_features=False`` only ensures
     the store (results carry no features).
     """
@@ -160,6 +162,8 @@ def embed_sources(
             res.image_size = entry.image_size
 
     loading = [pool.submit(load, r) for r in reuse]
+    if compute and not isinstance(model, Embedder):
+        model = model()
     _compute(compute, decoded, store, model, pool, keep_images, load_features)
     for fut in loading:
         fut.result()

@@ -310,13 +310,33 @@ class EmbeddingStore(ZarrRoot):
         return attrs
 
     def get(self, image_id: str) -> EmbeddedImage:
-        """The complete entry of ``image_id``; ``KeyError`` naming it if absent or incomplete."""
-        attrs = self._complete_attrs(image_id)
-        if attrs is None:
+        """The complete entry of ``image_id``; ``KeyError`` naming it if absent or incomplete.
+
+        The group and its arrays are read in one concurrent batch (one round trip on S3).
+        """
+        path = self._path(image_id)
+        group, *arrays = zarr_nodes.read_objects(
+            self._store,
+            [
+                f"{path}/zarr.json",
+                f"{path}/features/zarr.json",
+                f"{path}/features/{zarr_nodes.chunk_key(3)}",
+                f"{path}/mask/zarr.json",
+                f"{path}/mask/{zarr_nodes.chunk_key(2)}",
+            ],
+        )
+        attrs = json.loads(group).get("attributes", {}) if group else {}
+        if attrs.get("complete") is not True or attrs.get("image_id") != image_id:
             raise KeyError(f"{self.uri}: no complete embedding for image {image_id!r}")
-        group = zarr.open_group(self._store, path=self._path(image_id), mode="r", zarr_format=3)
-        features = np.asarray(group["features"][...])
-        mask = np.asarray(group["mask"][...], dtype=np.bool_) if attrs.get("has_mask") else None
+        what = f"{self.uri}: image {image_id!r}"
+        if arrays[0] is None or (attrs.get("has_mask") and arrays[2] is None):
+            raise KeyError(f"{what}: complete but an array is missing (store damaged?)")
+        features = zarr_nodes.decode_array(arrays[0], arrays[1], f"{what} features")
+        mask = None
+        if attrs.get("has_mask"):
+            mask = zarr_nodes.decode_array(arrays[2], arrays[3], f"{what} mask").astype(np.bool_)
+        if features.shape != (*attrs["grid"], attrs["feature_dim"]):
+            raise KeyError(f"{what}: features {features.shape} do not match the entry (replaced?)")
         return EmbeddedImage(
             image_id=image_id,
             source_uri=attrs["source_uri"],

@@ -5,7 +5,7 @@ Layout::
     zarr.json             attributes {"anomalydino": {"kind", "format_version", "settings"}}
     maps/zarr.json
     maps/<sha256(image_id)>   (H, W) float16, one chunk, blosc-lz4; attributes image_id,
-                              source_uri, complete (+ caller extras)
+                              source_uri, map_sha256, complete (+ caller extras)
 
 As in the embedding store, a map is visible only once ``complete: true`` is written to its
 array metadata (last); a partial write is ignored by readers and overwritten by the next ``put``.
@@ -13,6 +13,8 @@ array metadata (last); a partial write is ignored by readers and overwritten by 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +35,7 @@ from tasks.embedding_store import (
 from tasks.storage import StorageConfig, atomic_write_bytes
 
 MAP_ARCHIVE_KIND = "anomaly_map_archive"
-_RESERVED = frozenset({"image_id", "source_uri", "complete"})
+_RESERVED = frozenset({"image_id", "source_uri", "complete", "map_sha256"})
 
 
 def map_compressor() -> BloscCodec:
@@ -115,7 +117,13 @@ class MapArchive(ZarrRoot):
         clash = _RESERVED & set(extra)
         if clash:
             raise ValueError(f"{self.uri}: map of {image_id!r}: reserved attributes {clash}")
-        attrs = {**extra, "image_id": image_id, "source_uri": source_uri, "complete": False}
+        attrs = {
+            **extra,
+            "image_id": image_id,
+            "source_uri": source_uri,
+            "map_sha256": map_sha256(data),
+            "complete": False,
+        }
         path = self._path(image_id)
         compressor = map_compressor()
         chunk, meta = zarr_nodes.array_files(path, data, compressor=compressor, attributes=attrs)
@@ -137,14 +145,22 @@ class MapArchive(ZarrRoot):
             raise OSError(f"{self.uri}: writing map of {image_id!r} failed: {exc}") from exc
 
     def get(self, image_id: str) -> np.ndarray:
-        """The float16 (H, W) map; ``KeyError`` naming the image if absent or incomplete."""
-        arr = self._complete_array(image_id)
-        if arr is None:
+        """The float16 (H, W) map; ``KeyError`` naming the image if absent or incomplete.
+
+        Metadata and chunk are read in one concurrent batch (one round trip on S3).
+        """
+        path = self._path(image_id)
+        meta, chunk = zarr_nodes.read_objects(
+            self._store, [f"{path}/zarr.json", f"{path}/{zarr_nodes.chunk_key(2)}"]
+        )
+        attrs = json.loads(meta).get("attributes", {}) if meta else {}
+        if attrs.get("complete") is not True or attrs.get("image_id") != image_id:
             raise KeyError(f"{self.uri}: no complete anomaly map for image {image_id!r}")
-        return np.asarray(arr[...])
+        return zarr_nodes.decode_array(meta, chunk, f"{self.uri}: map of {image_id!r}")
 
     def attributes(self, image_id: str) -> dict[str, Any]:
-        """Stored attributes of a complete map (image_id, source_uri, caller extras)."""
+        """Stored attributes of a complete map (image_id, source_uri, map_sha256, caller
+        extras)."""
         arr = self._complete_array(image_id)
         if arr is None:
             raise KeyError(f"{self.uri}: no complete anomaly map for image {image_id!r}")
@@ -156,6 +172,12 @@ class MapArchive(ZarrRoot):
 
     def __len__(self) -> int:
         return len(self.ids())
+
+
+def map_sha256(amap16: np.ndarray) -> str:
+    """sha256 of a float16 map's C-order bytes: equal maps, equal hashes (stored with each map,
+    so a re-run can tell an unchanged map without reading it)."""
+    return hashlib.sha256(np.ascontiguousarray(amap16, dtype=np.float16).tobytes()).hexdigest()
 
 
 def render_overlay(

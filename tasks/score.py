@@ -32,11 +32,11 @@ from tasks.bank import BankManifest, load_scorer
 from tasks.embed import EmbeddedSource, SourceImage, embed_sources, read_source
 from tasks.embedding_store import EmbeddedImage, EmbeddingStore, image_key
 from tasks.layout import overlay_name
-from tasks.map_archive import MapArchive, write_overlay_png
-from tasks.models import compute_lock, embedder, pin_threads
+from tasks.map_archive import MapArchive, map_sha256, write_overlay_png
+from tasks.models import Embedder, compute_lock, embedder, pin_threads
 from tasks.report import ReportRow, verdict_of
 from tasks.retry import retry_on_storage_error, run_logger, with_storage_retries
-from tasks.storage import PERMANENT_ERRORS, StorageConfig, atomic_write_bytes, join
+from tasks.storage import PERMANENT_ERRORS, StorageConfig, copy_object, join
 
 FEW_SHOT = "few_shot"
 ZERO_SHOT = "zero_shot"
@@ -57,7 +57,9 @@ class ModelMismatchError(RuntimeError):
 class PreviousOverlays:
     """The overlays of the lot's previous run, for reuse: an overlay is copied instead of
     rendered when the image has the same content hash, the overlay scale is the same and the
-    new anomaly map equals the previous run's stored map exactly (then the PNG is identical)."""
+    new anomaly map equals the previous run's stored map exactly (then the PNG is identical).
+    Maps are compared by the ``map_sha256`` stored with them (by value for older archives);
+    on S3 the copy is server-side."""
 
     maps_uri: str
     scale: tuple[float, float]
@@ -184,17 +186,19 @@ def error_row(ctx: RunContext, res: EmbeddedSource) -> ReportRow:
     )
 
 
-def _open_store(ctx: RunContext, storage: StorageConfig, *, with_model: bool):
-    model = None
-    if with_model:
-        model = embedder(ctx.model, storage)
-        if model.settings != ctx.store_settings:
-            raise ModelMismatchError(
-                f"this worker's model settings differ from the run's ({model.key} != "
-                f"store {ctx.store_uri}): same weights and software on every worker, please"
-            )
-    store = EmbeddingStore.open(ctx.store_uri, ctx.store_settings, storage)
-    return model, store
+def _run_model(ctx: RunContext, storage: StorageConfig) -> Embedder:
+    """This process's model, checked to embed exactly as the run's store records."""
+    model = embedder(ctx.model, storage)
+    if model.settings != ctx.store_settings:
+        raise ModelMismatchError(
+            f"this worker's model settings differ from the run's ({model.key} != "
+            f"store {ctx.store_uri}): same weights and software on every worker, please"
+        )
+    return model
+
+
+def _open_store(ctx: RunContext, storage: StorageConfig) -> EmbeddingStore:
+    return EmbeddingStore.open(ctx.store_uri, ctx.store_settings, storage)
 
 
 def load_image(uri: str, image_id: str, storage: StorageConfig | None) -> np.ndarray:
@@ -291,16 +295,26 @@ def _reuse_overlay(
     if entry is None or entry[0] != content_sha256 or tuple(prev.scale) != tuple(scale):
         return False
     archive = _previous_archive(prev.maps_uri, storage)
+    if archive is None:
+        return False
+    amap16 = to_float16(amap)
     try:
-        old = None if archive is None else archive.get(item.image_id)
-        data = read_source(entry[1], storage) if old is not None else None
+        old_hash = archive.attributes(item.image_id).get("map_sha256")
+        if old_hash is not None:
+            same = old_hash == map_sha256(amap16)
+        else:  # archives written before maps carried their hash
+            same = np.array_equal(archive.get(item.image_id), amap16)
     except (KeyError, *PERMANENT_ERRORS):
         return False
-    same = old is not None and np.array_equal(old, to_float16(amap))
-    if not same or not data:
+    if not same:
         return False
     target = ctx.overlay_uri(item.image_id)
-    with_storage_retries(lambda: atomic_write_bytes(target, data, storage), what=f"write {target}")
+    try:
+        with_storage_retries(
+            lambda: copy_object(entry[1], target, storage), what=f"copy {entry[1]} -> {target}"
+        )
+    except PERMANENT_ERRORS:
+        return False
     return True
 
 
@@ -318,7 +332,7 @@ def score_images(
     """
     t0 = time.perf_counter()
     storage = ctx.storage.storage_config()
-    model, store = _open_store(ctx, storage, with_model=True)
+    store = _open_store(ctx, storage)
     scorer = load_scorer(manifest, storage)
     archive = MapArchive.open(ctx.maps_uri, None, storage, create=False)
 
@@ -341,7 +355,13 @@ def score_images(
 
     with ThreadPoolExecutor(ctx.io_threads, thread_name_prefix="score-io") as pool:
         results = embed_sources(
-            items, store, model, threads=ctx.threads, pool=pool, storage=storage, keep_images=True
+            items,
+            store,
+            functools.partial(_run_model, ctx, storage),  # loaded only if an image needs it
+            threads=ctx.threads,
+            pool=pool,
+            storage=storage,
+            keep_images=True,
         )
         t_embedded = time.perf_counter()
         ok = [res for res in results if res.ok]
@@ -384,7 +404,7 @@ def rescore_stored(
 ) -> list[ReportRow]:
     """Re-score images from their stored embeddings only (never re-embeds): re-evaluation."""
     storage = ctx.storage.storage_config()
-    _, store = _open_store(ctx, storage, with_model=False)
+    store = _open_store(ctx, storage)
     pin_threads(ctx.threads)
     scorer = load_scorer(manifest, storage)
     archive = MapArchive.open(ctx.maps_uri, None, storage, create=False)
@@ -495,7 +515,7 @@ def score_zero_shot_block(
     t0 = time.perf_counter()
     pin_threads(ctx.threads)
     storage = ctx.storage.storage_config()
-    _, store = _open_store(ctx, storage, with_model=False)
+    store = _open_store(ctx, storage)
     archive = MapArchive.open(ctx.maps_uri, None, storage, create=False)
     ids = [im.item.store_id for im in images]
 

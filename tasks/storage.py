@@ -158,6 +158,22 @@ def atomic_write_bytes(uri: str, data: bytes, storage: StorageConfig | None = No
         raise OSError(f"{uri}: write of {len(payload)} bytes failed: {exc}") from exc
 
 
+def copy_object(source: str, target: str, storage: StorageConfig | None = None) -> None:
+    """Copy ``source`` to ``target`` so that no reader sees a partial object: one server-side
+    copy on S3 (no data through this machine), else a read and an atomic write."""
+    if scheme_of(source) in ("s3", "s3a") and scheme_of(target) == scheme_of(source):
+        fs, src = filesystem(source, storage)
+        _, dst = filesystem(target, storage)
+        try:
+            fs.copy(src, dst)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{source}: no such file or object") from exc
+        except Exception as exc:
+            raise OSError(f"copy {source} -> {target} failed: {exc}") from exc
+        return
+    atomic_write_bytes(target, read_bytes(source, storage), storage)
+
+
 def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
     """The whole object at ``uri``; ``FileNotFoundError`` naming it if absent."""
     fs, path = filesystem(uri, storage)

@@ -160,3 +160,48 @@ def write_steps(store: Any, steps: Sequence[Files]) -> None:
 
 def exists(store: Any, key: str) -> bool:
     return bool(sync(store.exists(key)))
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+async def _get_all(store: Any, keys: Sequence[str]) -> list[bytes | None]:
+    prototype = default_buffer_prototype()
+    found = await asyncio.gather(*(store.get(key, prototype=prototype) for key in keys))
+    return [None if buf is None else buf.to_bytes() for buf in found]
+
+
+def read_objects(store: Any, keys: Sequence[str]) -> list[bytes | None]:
+    """The objects at ``keys``, read concurrently (one round trip on S3); None where absent."""
+    return sync(_get_all(store, keys))
+
+
+def chunk_key(ndim: int) -> str:
+    """The key of the only chunk of a one-chunk array (default chunk key encoding)."""
+    return "/".join(["c", *("0" for _ in range(ndim))])
+
+
+def decode_array(metadata: bytes, chunk: bytes | None, what: str) -> np.ndarray:
+    """A one-chunk array from its ``zarr.json`` and chunk bytes (as ``array_files`` writes them,
+    and as zarr does for such arrays). A missing chunk is all fill value, as zarr reads it."""
+    meta = json.loads(metadata)
+    shape = tuple(meta.get("shape") or ())
+    grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+    encoding = meta.get("chunk_key_encoding", {})
+    separator = encoding.get("configuration", {}).get("separator", "/")
+    if meta.get("node_type") != "array" or tuple(grid or ()) != shape:
+        raise ValueError(f"{what}: not a one-chunk Zarr v3 array")
+    if encoding.get("name") != "default" or separator != "/":
+        raise ValueError(f"{what}: chunk key encoding {encoding!r}")
+    first, *rest = meta["codecs"]
+    if first["name"] != "bytes":
+        raise ValueError(f"{what}: first codec {first['name']!r}, expected 'bytes'")
+    endian = (first.get("configuration") or {}).get("endian")
+    dtype = np.dtype(meta["data_type"]).newbyteorder(">" if endian == "big" else "<")
+    if chunk is None:
+        return np.full(shape, meta["fill_value"], dtype=dtype.newbyteorder("="))
+    data: Any = chunk
+    for codec in reversed([_numcodec(c) for c in rest]):
+        data = codec.decode(data)
+    values = np.frombuffer(data, dtype=dtype).reshape(shape)
+    return values.astype(dtype.newbyteorder("="), copy=False)

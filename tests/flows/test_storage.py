@@ -21,7 +21,13 @@ from tasks.embedding_store import (
     feature_compressor,
     image_key,
 )
-from tasks.map_archive import MapArchive, map_compressor, render_overlay, write_overlay_png
+from tasks.map_archive import (
+    MapArchive,
+    map_compressor,
+    map_sha256,
+    render_overlay,
+    write_overlay_png,
+)
 
 SETTINGS = {"backbone": "dinov2_vits14", "weights_sha256": "ab" * 32, "resolution": 448}
 
@@ -98,6 +104,17 @@ def test_atomic_write_read_exists_list(base) -> None:
     assert st.list_files(st.join(root, "missing"), None, cfg) == []
     with pytest.raises(FileNotFoundError, match="nope.png"):
         st.read_bytes(st.join(root, "nope.png"), cfg)
+
+
+def test_copy_object(base) -> None:
+    root, cfg = base
+    source, target = st.join(root, "a", "x.png"), st.join(root, "b", "y.png")
+    st.atomic_write_bytes(source, b"png bytes", cfg)
+    st.copy_object(source, target, cfg)
+    assert st.read_bytes(target, cfg) == b"png bytes"
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        st.copy_object(st.join(root, "missing.png"), st.join(root, "z.png"), cfg)
+    assert not st.exists(st.join(root, "z.png"), cfg)
 
 
 def test_local_atomic_write_failure_leaves_old_content(tmp_path: Path, monkeypatch) -> None:
@@ -267,6 +284,7 @@ def test_map_archive_round_trip_and_completeness(base, monkeypatch) -> None:
     assert got.dtype == np.float16 and got.shape == (37, 53)
     np.testing.assert_array_equal(got, amap.astype(np.float16))
     assert archive.attributes("img-1")["score"] == 1.5
+    assert archive.attributes("img-1")["map_sha256"] == map_sha256(amap.astype(np.float16))
     assert MapArchive.open(uri, None, cfg).settings == {"lot": "lot-7"}
     with pytest.raises(StoreSettingsError, match="lot"):
         MapArchive.open(uri, {"lot": "lot-8"}, cfg)
@@ -320,6 +338,36 @@ def test_direct_zarr_writes_equal_zarrs_own(tmp_path: Path) -> None:
     np.testing.assert_array_equal(zarr.open_array(direct, path="m", mode="r")[...], amap)
     with pytest.raises(ValueError, match="BloscCodec"):
         zarr_nodes.array_files("z", amap, compressor=zarr.codecs.ZstdCodec())
+
+
+def test_direct_zarr_reads_equal_zarrs_own(tmp_path: Path) -> None:
+    """``zarr_nodes.decode_array`` reads what zarr wrote, including a chunk zarr left out
+    because it was all fill value (stores written before the direct writes)."""
+    rng = np.random.default_rng(1)
+    store = LocalStore(tmp_path)
+    arrays = {
+        "f": (rng.standard_normal((4, 3, 8)).astype(np.float16), feature_compressor()),
+        "zero": (np.zeros((4, 3, 8), np.float16), feature_compressor()),
+        "m": (rng.random((4, 3)) > 0.5, None),
+        "none": (np.zeros((4, 3), bool), None),
+        "map": ((rng.random((9, 7)) * 2).astype(np.float16), map_compressor()),
+    }
+    for name, (data, compressor) in arrays.items():
+        zarr.create_array(
+            store, name=name, data=data, chunks=data.shape, compressors=compressor or "auto"
+        )
+    assert not (tmp_path / "zero" / "c").exists()  # zarr skipped the all-fill chunk
+    for name, (data, _) in arrays.items():
+        meta, chunk = zarr_nodes.read_objects(
+            store, [f"{name}/zarr.json", f"{name}/{zarr_nodes.chunk_key(data.ndim)}"]
+        )
+        got = zarr_nodes.decode_array(meta, chunk, name)
+        assert got.dtype == data.dtype and got.shape == data.shape
+        np.testing.assert_array_equal(got, data)
+    zarr.create_array(store, name="tiled", shape=(8, 8), chunks=(4, 4), dtype="float16")
+    (meta,) = zarr_nodes.read_objects(store, ["tiled/zarr.json"])
+    with pytest.raises(ValueError, match="tiled: not a one-chunk"):
+        zarr_nodes.decode_array(meta, None, "tiled")
 
 
 def _die_before_last_step(mp: pytest.MonkeyPatch) -> None:
