@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from anomalydino_core.half import float16_checked
+from anomalydino_core.half import float16_checked, to_float16
 from tasks import zarr_nodes
 from tasks.embedding_store import (
     NOT_FOUND_ERRORS,
@@ -157,6 +157,16 @@ class MapArchive(ZarrRoot):
         if attrs.get("complete") is not True or attrs.get("image_id") != image_id:
             raise KeyError(f"{self.uri}: no complete anomaly map for image {image_id!r}")
         return zarr_nodes.decode_array(meta, chunk, f"{self.uri}: map of {image_id!r}")
+
+    def holds(self, image_id: str, amap: np.ndarray) -> bool:
+        """True if the stored map of ``image_id`` equals ``amap`` rounded to float16: by the
+        stored ``map_sha256`` (one small read), or by value for maps written without it.
+        ``KeyError`` if there is no complete map."""
+        amap16 = to_float16(amap)
+        stored = self.attributes(image_id).get("map_sha256")
+        if stored is not None:
+            return stored == map_sha256(amap16)
+        return bool(np.array_equal(self.get(image_id), amap16))
 
     def attributes(self, image_id: str) -> dict[str, Any]:
         """Stored attributes of a complete map (image_id, source_uri, map_sha256, caller

@@ -25,14 +25,14 @@ from prefect.cache_policies import NO_CACHE
 
 from anomalydino_core.config import ModelSettings
 from anomalydino_core.few_shot import ScoreResult
-from anomalydino_core.half import to_float16, to_float32
+from anomalydino_core.half import to_float32
 from anomalydino_core.images import ImageDecodeError, decode_image
 from anomalydino_core.zero_shot import LazyFeatureSource, MutualScoringConfig, score_mutual
 from tasks.bank import BankManifest, load_scorer
 from tasks.embed import EmbeddedSource, SourceImage, embed_sources, read_source
 from tasks.embedding_store import EmbeddedImage, EmbeddingStore, image_key
 from tasks.layout import overlay_name
-from tasks.map_archive import MapArchive, map_sha256, write_overlay_png
+from tasks.map_archive import MapArchive, write_overlay_png
 from tasks.models import Embedder, compute_lock, embedder, pin_threads
 from tasks.report import ReportRow, verdict_of
 from tasks.retry import retry_on_storage_error, run_logger, with_storage_retries
@@ -297,13 +297,8 @@ def _reuse_overlay(
     archive = _previous_archive(prev.maps_uri, storage)
     if archive is None:
         return False
-    amap16 = to_float16(amap)
     try:
-        old_hash = archive.attributes(item.image_id).get("map_sha256")
-        if old_hash is not None:
-            same = old_hash == map_sha256(amap16)
-        else:  # archives written before maps carried their hash
-            same = np.array_equal(archive.get(item.image_id), amap16)
+        same = archive.holds(item.image_id, amap)
     except (KeyError, *PERMANENT_ERRORS):
         return False
     if not same:

@@ -285,6 +285,17 @@ def test_map_archive_round_trip_and_completeness(base, monkeypatch) -> None:
     np.testing.assert_array_equal(got, amap.astype(np.float16))
     assert archive.attributes("img-1")["score"] == 1.5
     assert archive.attributes("img-1")["map_sha256"] == map_sha256(amap.astype(np.float16))
+    assert archive.holds("img-1", amap) and not archive.holds("img-1", amap * 0.5)
+    # a map written before maps carried their hash is compared by value
+    legacy = MapArchive.open(st.join(root, "lot-6", "maps.zarr"), {"lot": "lot-6"}, cfg)
+    zarr.create_array(
+        legacy._store, name=f"maps/{image_key('old')}", data=amap.astype(np.float16),
+        chunks=amap.shape, attributes={"image_id": "old", "source_uri": None, "complete": True},
+    )  # fmt: skip
+    assert "map_sha256" not in legacy.attributes("old")
+    assert legacy.holds("old", amap) and not legacy.holds("old", amap * 0.5)
+    with pytest.raises(KeyError, match="img-9"):
+        archive.holds("img-9", amap)
     assert MapArchive.open(uri, None, cfg).settings == {"lot": "lot-7"}
     with pytest.raises(StoreSettingsError, match="lot"):
         MapArchive.open(uri, {"lot": "lot-8"}, cfg)
