@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from functools import partial
 
 import timm
@@ -47,8 +48,8 @@ class DinoV2PatchEncoder(torch.nn.Module):
         self._bf16_blocks = vit_cpu.Bf16CpuBlocks(vit) if self.cpu_bf16_blocks else None
 
     def load_official_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load an official DINOv2 checkpoint (or timm-format weights) strictly."""
-        converted = checkpoint_filter_fn(dict(state_dict), self.vit)
+        """Load an official DINOv2 checkpoint, plain or with registers (or timm-format weights)."""
+        converted = checkpoint_filter_fn(official_to_timm(state_dict), self.vit)
         self.vit.load_state_dict(converted, strict=True)
 
     def _resampled_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -103,6 +104,36 @@ class DinoV2PatchEncoder(torch.nn.Module):
             tokens = self.vit.forward_features(x)
         patches = tokens[:, self.vit.num_prefix_tokens :]
         return patches.reshape(batch, height // self.patch_size, width // self.patch_size, -1)
+
+
+_SWIGLU_KEYS = (
+    (re.compile(r"^(blocks\.\d+\.mlp\.)w12\."), r"\1fc1."),
+    (re.compile(r"^(blocks\.\d+\.mlp\.)w3\."), r"\1fc2."),
+)
+
+
+def official_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An official DINOv2 state dict in timm's layout; a timm-layout dict comes back unchanged.
+
+    The official register models add the class position ``pos_embed[:, 0]`` to the class token,
+    then insert the registers after it with no position. timm's register variants keep positions
+    for the patches only (``no_embed_class``), so the class position moves into the class token:
+    ``cls_token + pos_embed[:, :1]`` and ``pos_embed[:, 1:]`` feed the first block the same
+    tokens. timm's own filter does this only while ``mask_token`` is still in the dict.
+    """
+    state = dict(state_dict)
+    state.pop("mask_token", None)
+    if "register_tokens" in state:
+        pos = state.pop("pos_embed")
+        n_patch = pos.shape[1] - 1
+        if math.isqrt(n_patch) ** 2 != n_patch:
+            raise ValueError(f"register checkpoint pos_embed {tuple(pos.shape)}: no class position")
+        state["cls_token"] = state["cls_token"] + pos[:, :1]
+        state["pos_embed"] = pos[:, 1:]
+        state["reg_token"] = state.pop("register_tokens")
+    for pattern, repl in _SWIGLU_KEYS:  # ViT-g: SwiGLU w12/w3 are timm's packed fc1/fc2
+        state = {pattern.sub(repl, k): v for k, v in state.items()}
+    return state
 
 
 def _cpu_bf16_autocast(x: torch.Tensor) -> bool:
