@@ -19,9 +19,16 @@ from .config import ModelSettings, Preprocess, ScoringSettings
 from .cpu import set_threads
 from .datasets import INFORMED_SETTINGS, MVTecCategory, TestItem, load_mvtec_category
 from .features import PatchFeatureExtractor
-from .few_shot import FewShotScorer, decide_masking
+from .few_shot import FewShotScorer
 from .images import ImageDecodeError, read_image, read_mask
-from .masking import foreground_mask
+from .masking import (
+    MASKING_RULE,
+    TESTED_REFERENCES,
+    TESTED_SCREENING_IMAGES,
+    decide_masking,
+    foreground_mask,
+    views_of_references,
+)
 from .metrics import PixelMetricAccumulator, image_metrics
 
 Log = Callable[[str], None]
@@ -196,8 +203,14 @@ def run_evaluation(
                 angles = AGNOSTIC_ANGLES if (rotate and shots is not None) else (0,)
                 t_ref = time.perf_counter()
                 grids = reference_grids(refs, angles)
-                first = ref_cache[(refs[0], 0)]
-                decision = decide_masking(masking_mode, first, threshold=threshold)
+                tested = refs[:TESTED_REFERENCES]
+                reference_grids(tested, AGNOSTIC_ANGLES)  # the test's views, embedded once
+                views = views_of_references(
+                    [[ref_cache[(p, a)] for a in AGNOSTIC_ANGLES] for p in tested],
+                    AGNOSTIC_ANGLES,
+                    [p.name for p in tested],
+                )
+                decision = decide_masking(masking_mode, views, threshold=threshold)
                 use_mask = decision.use_mask
                 decision_reason = decision.reason
                 ref_masks = None
@@ -229,6 +242,7 @@ def run_evaluation(
                 bank_patches=bank,
                 masking=use_mask,
                 masking_reason=decision_reason,
+                masking_rule=MASKING_RULE,
                 score_ms_per_image=score_ms,
             )
             row.update(_metrics(scores, labels, maps_iter, gt_masks))
@@ -272,8 +286,9 @@ def _zero_shot(grids, fgs, sizes, masking_mode, threshold, scoring: ScoringSetti
     if masking_mode == "off":
         use_mask, reason = False, "masking off"
     else:
-        decision = decide_masking(masking_mode, grids[0], threshold=threshold)
-        use_mask, reason = decision.use_mask, f"{decision.reason} (tested on the first image)"
+        views = [(f"test image {i}", g) for i, g in enumerate(grids[:TESTED_SCREENING_IMAGES])]
+        decision = decide_masking(masking_mode, views, threshold=threshold)
+        use_mask, reason = decision.use_mask, decision.reason
     config = MutualScoringConfig(
         statistic=scoring.zero_shot_statistic,
         alpha=scoring.zero_shot_alpha,

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-from .masking import MaskingDecision, foreground_mask, masking_test
 from .memory_bank import IndexKind, PatchIndex
 from .scoring import MAP_SIGMA, anomaly_map, image_score
-
-MaskingMode = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -29,28 +25,6 @@ class ScoreResult:
     def masked_fraction(self) -> float:
         """Fraction of patches masked out as background."""
         return 0.0 if self.foreground is None else float(1.0 - self.foreground.mean())
-
-
-def decide_masking(
-    mode: MaskingMode, first_reference: np.ndarray, *, threshold: float
-) -> MaskingDecision:
-    """Resolve ``masking: auto|on|off`` with the masking test on the first reference grid."""
-    mask = foreground_mask(first_reference, threshold=threshold)
-    decision = masking_test(mask)
-    if mode == "auto":
-        return decision
-    if mode not in ("on", "off"):
-        raise ValueError(f"masking must be auto, on or off, not {mode!r}")
-    use = mode == "on"
-    return MaskingDecision(
-        use_mask=use,
-        reason=f"masking forced {mode} by config (test said: {decision.reason})",
-        foreground_fraction=decision.foreground_fraction,
-        centre_fraction=decision.centre_fraction,
-        border_fraction=decision.border_fraction,
-        largest_component_share=decision.largest_component_share,
-        n_components=decision.n_components,
-    )
 
 
 class FewShotScorer:

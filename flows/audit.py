@@ -314,7 +314,14 @@ def audit_lot(
         for chunk in chunked(items, cfg.runtime.chunk_size)
     ]
     rows = [row for fut in futures for row in fut.result()]
-    return finish_run("audit", ctx, cfg, rows, {"bank_key": manifest.key}, t0)
+    return finish_run(
+        "audit",
+        ctx,
+        cfg,
+        rows,
+        {"bank_key": manifest.key, "masking": manifest.masking_evidence},
+        t0,
+    )
 
 
 def lots_without_report(cfg: PipelineConfig, product: str) -> list[str]:

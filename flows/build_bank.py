@@ -8,6 +8,8 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from anomalydino_core.augment import AGNOSTIC_ANGLES
+from anomalydino_core.masking import TESTED_REFERENCES
 from flows.config import PipelineConfig
 from flows.runtime import (
     artifact_key,
@@ -181,7 +183,16 @@ def prepare_bank(
     if not uris:
         raise BankError(f"product {product!r} version {version!r}: no images under {prefix}")
     angles = reference_angles(scoring)
-    items = [SourceImage(relative_id(prefix, u), u, "references/{sha256}", angles) for u in uris]
+    # the masking test looks at the first references in 8 rotations, whatever the bank uses
+    items = [
+        SourceImage(
+            relative_id(prefix, u),
+            u,
+            "references/{sha256}",
+            AGNOSTIC_ANGLES if i < TESTED_REFERENCES else angles,
+        )
+        for i, u in enumerate(uris)
+    ]
     log.info(
         "building bank %s: %d references x %d views (%s)", uri, len(items), len(angles), mc.key
     )
@@ -260,7 +271,8 @@ def bank_markdown(m: BankManifest, n_reused_refs: int = 0) -> str:
     loo = markdown_table(["reference", "leave-one-out score"], sorted(m.loo_scores.items()))
     return (
         f"## Bank {m.product} / {m.version}\n\n{head}\n\n"
-        f"Masking: {m.masking_reason}. Bank: `{m.uri}`. Reference embeddings reused: "
+        f"Masking: {m.masking_reason} (rule {m.masking.rule}). Bank: `{m.uri}`. "
+        "Reference embeddings reused: "
         f"{n_reused_refs}.\n\n{loo}\n"
     )
 

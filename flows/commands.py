@@ -114,6 +114,17 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show_bank(args: argparse.Namespace) -> int:
+    from flows.show_bank import bank_text, product_banks
+
+    banks = product_banks(load_config(args), args.product, args.version)
+    if args.json:
+        print(json.dumps([json.loads(m.to_json()) for m in banks], indent=2))
+    else:
+        print("\n\n".join(bank_text(m) for m in banks) or "no complete bank")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     _quiet()
     from flows.audit import audit_lot
@@ -341,6 +352,14 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     re_.add_argument("--version", default=None, help="reference version (default: the latest)")
     add_config_args(re_)
     re_.set_defaults(func=cmd_reevaluate)
+
+    sb = sub.add_parser(
+        "show-bank", help="a product's banks: masking decision, evidence, threshold"
+    )
+    sb.add_argument("--product", required=True)
+    sb.add_argument("--version", default=None, help="reference version (default: the latest)")
+    add_config_args(sb)
+    sb.set_defaults(func=cmd_show_bank)
 
     de = sub.add_parser("demo", help="the nightly audit end to end on MVTec bottle, local files")
     de.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mvtec_ad"))

@@ -177,7 +177,14 @@ def reevaluate(
         rows = [row for fut in futures for row in fut.result()]
         report_uri = layout.report(product, lot, ctx.run_id)
         meta = report_metadata(
-            ctx, cfg, {"runner": runner, "bank_key": manifest.key, "reevaluates": old_uri}
+            ctx,
+            cfg,
+            {
+                "runner": runner,
+                "bank_key": manifest.key,
+                "masking": manifest.masking_evidence,
+                "reevaluates": old_uri,
+            },
         )
         write_report(report_uri, rows, meta, cfg.storage)
         summaries.append(summarize(rows, ctx, report_uri, time.perf_counter() - lot_t0, runner))

@@ -16,7 +16,7 @@ from dataclasses import replace
 import numpy as np
 from prefect import flow
 
-from anomalydino_core.few_shot import decide_masking
+from anomalydino_core.masking import TESTED_SCREENING_IMAGES, decide_masking
 from anomalydino_core.zero_shot import MutualScoringConfig, split_query_indices
 from flows.audit import (
     LotRunSummary,
@@ -100,12 +100,12 @@ def screen_shipment(
             ok.append(StoredImage(item, sha, nbytes, size, tuple(attrs["grid"])))
             reused[image_id] = was_reused
 
-    use_mask = False
-    masking_reason = "masking off"
-    if ok and scoring.masking != "off":
-        first = store.get(ok[0].item.store_id).features.astype(np.float32)
-        decision = decide_masking(scoring.masking, first, threshold=mc.mask_threshold)
-        use_mask, masking_reason = decision.use_mask, f"{decision.reason} (first image)"
+    tested = ok[:TESTED_SCREENING_IMAGES]  # no references: the first images are tested
+    views = [
+        (t.item.image_id, store.get(t.item.store_id).features.astype(np.float32)) for t in tested
+    ]
+    decision = decide_masking(scoring.masking, views, threshold=mc.mask_threshold)
+    use_mask, masking_reason = decision.use_mask, decision.reason
     ctx = run_context(
         cfg,
         mc,
@@ -188,4 +188,4 @@ def screen_shipment(
         missing = {fid for (fid, _), uri in zip(flagged, written, strict=True) if uri is None}
         rows = [replace(r, overlay_uri=None) if r.image_id in missing else r for r in rows]
 
-    return finish_run("screen", ctx, cfg, rows, {"masking_reason": masking_reason}, t0)
+    return finish_run("screen", ctx, cfg, rows, {"masking": decision.to_dict()}, t0)

@@ -31,7 +31,14 @@ from prefect.cache_policies import NO_CACHE
 
 from anomalydino_core.augment import AGNOSTIC_ANGLES
 from anomalydino_core.config import ScoringSettings
-from anomalydino_core.few_shot import FewShotScorer, decide_masking
+from anomalydino_core.few_shot import FewShotScorer
+from anomalydino_core.masking import (
+    MASKING_RULE,
+    TESTED_REFERENCES,
+    MaskingDecision,
+    decide_masking,
+    views_of_references,
+)
 from anomalydino_core.memory_bank import PatchIndex
 from tasks.embedding_store import EmbeddingStore
 from tasks.models import compute_lock, pin_threads
@@ -60,6 +67,7 @@ def bank_key(
         "shots": shots,
         "angles": list(reference_angles(scoring)),
         "masking": scoring.masking,
+        "masking_rule": MASKING_RULE,
         "mask_references": scoring.mask_references,
         "image_score": scoring.image_score,
         "sigma": scoring.sigma,
@@ -104,6 +112,11 @@ class BankManifest:
     created_at: str = ""
     build_seconds: float = 0.0
     format: str = BANK_FORMAT
+
+    @property
+    def masking(self) -> MaskingDecision:
+        """The masking decision with its evidence per tested view."""
+        return MaskingDecision.from_dict(self.masking_evidence)
 
     @property
     def index_uri(self) -> str:
@@ -168,14 +181,16 @@ def fit_bank(
     scoring: ScoringSettings,
     mask_threshold: float,
     loo_max_references: int,
+    masking_views: Sequence[tuple[str, np.ndarray]],
     log: Any = None,
-) -> tuple[FewShotScorer, Any, list[tuple[int, float]]]:
-    """Masking decision on the first reference, the full bank, and leave-one-out scores.
+) -> tuple[FewShotScorer, MaskingDecision, list[tuple[int, float]]]:
+    """Masking decision, the full bank, and leave-one-out scores.
 
     ``views[r]`` are the (float32) grids of reference r, the unrotated view first; ``masks[r]``
-    their foreground masks. Returns (fitted scorer, MaskingDecision, [(r, loo score)]).
+    their foreground masks; ``masking_views`` the masking test's named views (the tested
+    references in 8 rotations). Returns (fitted scorer, decision, [(r, loo score)]).
     """
-    decision = decide_masking(scoring.masking, views[0][0], threshold=mask_threshold)
+    decision = decide_masking(scoring.masking, masking_views, threshold=mask_threshold)
     use_mask = decision.use_mask
 
     def bank_masks(refs: Sequence[int]) -> list[np.ndarray] | None:
@@ -286,18 +301,24 @@ def fit_and_write_bank(
     store = EmbeddingStore.open(store_uri, store_settings, storage, create=False, read_only=True)
     angles = reference_angles(scoring)
 
-    def load(ref: ReferenceImage) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def load(ref: ReferenceImage, at: Sequence[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         feats, masks = [], []
-        for a in angles:
+        for a in at:
             entry = store.get(f"references/{ref.content_sha256}/rot{a:03d}")
             feats.append(entry.features.astype(np.float32))
             masks.append(entry.mask)
         return feats, masks
 
+    tested = references[:TESTED_REFERENCES]
     with ThreadPoolExecutor(io_threads) as pool:
-        loaded = list(pool.map(load, references))
+        loaded = list(pool.map(lambda r: load(r, angles), references))
+        if angles != AGNOSTIC_ANGLES:  # informed: the test still looks at 8 rotations
+            rotated = list(pool.map(lambda r: load(r, AGNOSTIC_ANGLES)[0], tested))
+        else:
+            rotated = [feats for feats, _ in loaded[: len(tested)]]
     views = [f for f, _ in loaded]
     masks = [m for _, m in loaded]
+    masking_views = views_of_references(rotated, AGNOSTIC_ANGLES, [r.image_id for r in tested])
     with compute_lock():
         scorer, decision, loo = fit_bank(
             views,
@@ -306,6 +327,7 @@ def fit_and_write_bank(
             scoring=scoring,
             mask_threshold=mask_threshold,
             loo_max_references=threshold_rule["loo_max_references"],
+            masking_views=masking_views,
             log=logger,
         )
     loo_scores = {references[r].image_id: s for r, s in loo}

@@ -17,6 +17,12 @@ MVTEC_ROOT = Path(
     os.environ.get("ANOMALYDINO_MVTEC_ROOT", REPO.parent / "shared" / "data" / "mvtec_ad")
 )
 
+CATEGORIES_ROOT = Path(
+    os.environ.get(
+        "ANOMALYDINO_CATEGORIES_ROOT", REPO.parent / "shared" / "data" / "mvtec_categories"
+    )
+)
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
@@ -26,6 +32,14 @@ def mvtec_root() -> Path:
     if not (MVTEC_ROOT / "bottle" / "train" / "good").is_dir():
         pytest.skip(f"MVTec data not found at {MVTEC_ROOT} (set ANOMALYDINO_MVTEC_ROOT)")
     return MVTEC_ROOT
+
+
+@pytest.fixture(scope="session")
+def categories_root() -> Path:
+    """One good image per MVTec AD category (read-only). Tests skip only when it is absent."""
+    if not (CATEGORIES_ROOT / "bottle" / "good_000.png").is_file():
+        pytest.skip(f"MVTec categories not found at {CATEGORIES_ROOT}")
+    return CATEGORIES_ROOT
 
 
 @pytest.fixture(scope="session")

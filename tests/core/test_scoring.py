@@ -8,10 +8,12 @@ import pytest
 from scipy import ndimage
 
 from anomalydino_core.augment import AGNOSTIC_ANGLES, reference_views, rotate_image
-from anomalydino_core.few_shot import FewShotScorer, decide_masking
-from anomalydino_core.masking import first_principal_component, foreground_mask, masking_test
+from anomalydino_core.few_shot import FewShotScorer
+from anomalydino_core.masking import foreground_mask
 from anomalydino_core.memory_bank import PatchIndex
 from anomalydino_core.scoring import anomaly_map, image_score, top1p_mean
+
+from .synthetic import object_grid
 
 
 def test_top1p_mean_rules():
@@ -48,46 +50,6 @@ def test_anomaly_map_matches_scipy_reference():
     up = ndimage.map_coordinates(grid.astype(np.float64), [yy, xx], order=1, mode="nearest")
     ref = ndimage.gaussian_filter(up, sigma=4.0, mode="reflect", truncate=4.0)
     assert np.abs(amap - ref).max() < 1e-4
-
-
-_PROTO = np.random.default_rng(42).normal(0, 0.3, (2, 32))
-
-
-def _object_grid(rng, h=24, w=24, dim=32, box=(6, 18, 5, 19)):
-    bg = _PROTO[0]
-    fg = _PROTO[1] + 25.0 * np.eye(dim)[0]
-    feats = np.tile(bg, (h, w, 1)) + rng.normal(0, 0.05, (h, w, dim))
-    top, bottom, left, right = box
-    feats[top:bottom, left:right] = fg + rng.normal(0, 0.05, (bottom - top, right - left, dim))
-    truth = np.zeros((h, w), bool)
-    truth[top:bottom, left:right] = True
-    return feats, truth
-
-
-def test_foreground_mask_finds_a_centred_object_and_is_deterministic():
-    rng = np.random.default_rng(0)
-    feats, truth = _object_grid(rng)
-    mask = foreground_mask(feats, threshold=10.0)
-    dilated = ndimage.binary_dilation(truth, structure=np.ones((3, 3)))
-    assert np.array_equal(mask, dilated)
-    assert np.array_equal(mask, foreground_mask(feats.copy(), threshold=10.0))
-    # the sign rule: with the component flipped the centre still wins
-    assert np.array_equal(first_principal_component(feats), first_principal_component(feats))
-    decision = masking_test(mask)
-    assert decision.use_mask, decision.reason
-
-
-def test_masking_test_rejects_textures_and_close_ups():
-    rng = np.random.default_rng(1)
-    texture = rng.random((24, 24)) > 0.5
-    d = masking_test(texture)
-    assert not d.use_mask and d.reason != "mask captures a framed object"
-    close_up = np.ones((24, 24), bool)
-    close_up[0, 0] = False
-    assert not masking_test(close_up).use_mask
-    assert not masking_test(np.zeros((24, 24), bool)).use_mask
-    forced = decide_masking("off", _object_grid(rng)[0], threshold=10.0)
-    assert not forced.use_mask and "forced off" in forced.reason
 
 
 def test_rotations_same_size_about_centre():
@@ -171,8 +133,8 @@ def test_approximate_indexes_are_close(kind):
 
 def test_few_shot_scorer_flags_the_odd_patch_and_masks_background():
     rng = np.random.default_rng(3)
-    ref, _ = _object_grid(rng)
-    test, truth = _object_grid(rng)
+    ref, _ = object_grid(rng)
+    test, truth = object_grid(rng)
     test[10, 12] = rng.normal(0, 1, 32) * 5  # a defect inside the object
     test[1, 1] = rng.normal(0, 1, 32) * 5  # clutter on the background
     scorer = FewShotScorer().fit([ref])
@@ -184,7 +146,7 @@ def test_few_shot_scorer_flags_the_odd_patch_and_masks_background():
     assert masked.max_patch == (10, 12)
     assert masked.patch_distances[1, 1] == 0.0
     assert 0 < masked.masked_fraction < 1
-    clean = scorer.score(_object_grid(rng)[0], image_size=(96, 96), foreground=fg)
+    clean = scorer.score(object_grid(rng)[0], image_size=(96, 96), foreground=fg)
     assert masked.score > 3 * clean.score
 
 

@@ -21,7 +21,13 @@ from flows.runtime import with_runner
 from tasks.embed import SourceImage, embed_images
 from tasks.embedding_store import EmbeddingStore
 from tasks.report import REPORT_SCHEMA
-from tests.flows.pipeline_data import fast_config, lot_files, reference_files, write_local
+from tests.flows.pipeline_data import (
+    REFERENCES,
+    fast_config,
+    lot_files,
+    reference_files,
+    write_local,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -185,3 +191,28 @@ def test_nightly_audits_only_lots_without_report(prefect_harness, tmp_path, mvte
     assert sorted(s.lot for s in done) == ["lot-2", "lot-3"]
     assert [s.n_images for s in sorted(done, key=lambda s: s.lot)] == [7, 0]
     assert nightly_audit(cfg) == []  # nothing new the next night
+
+
+def test_masking_decision_is_stored_reported_and_printed(audited, capsys) -> None:
+    """Informed rotation (no rotated bank views), yet the masking test looked at each tested
+    reference in 8 rotations; the decision and its evidence travel with the bank and every
+    report, and ``anomalydino show-bank`` prints them."""
+    from anomalydino_core.masking import MASKING_RULE, MaskingDecision
+    from flows.cli import main
+    from tasks.report import report_metadata
+
+    cfg, first, _ = audited
+    meta = report_metadata(first.report_uri)
+    decision = MaskingDecision.from_dict(meta["masking"])
+    refs = sorted(REFERENCES)
+    assert decision.rule == MASKING_RULE and decision.mode == "auto"
+    assert [v.view for v in decision.views] == [
+        f"{r} rot{a:03d}" for r in refs for a in range(0, 360, 45)
+    ]
+    df = pd.read_parquet(first.report_uri)
+    assert (df["masking"] == decision.use_mask).all()
+    assert main(["show-bank", "--product", "bottle", "--root", cfg.root]) == 0
+    out = capsys.readouterr().out
+    assert f"masking {'on' if decision.use_mask else 'off'} (auto): {decision.reason}" in out
+    assert f"rule {MASKING_RULE}; {len(decision.views)} view(s) tested" in out
+    assert f"{refs[-1]} rot315" in out and "threshold " in out
