@@ -6,9 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .images import DECODE_MAX_PIXELS
+
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # inputs are never echoed in errors: a refused value may hold a secret
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
 
 class ModelSettings(_Frozen):
@@ -23,6 +26,22 @@ class ModelSettings(_Frozen):
     device: str = "auto"
     batch_size: int = Field(default=8, ge=1)
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
+    decode_max_pixels: int = Field(
+        default=DECODE_MAX_PIXELS,
+        ge=1,
+        description="images whose header claims more pixels are error rows, never decoded "
+        "(default 8192 x 8192: sized for 24 GB, see anomalydino_core.images.DECODE_MAX_PIXELS)",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        if value and "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError(
+                "a weights URI with user info (user:password@) is not accepted: settings are "
+                "stored with every run; give credentials through the environment"
+            )
+        return value
 
     @field_validator("backbone")
     @classmethod

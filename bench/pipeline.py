@@ -106,6 +106,8 @@ def main() -> None:
             "runtime": {"concurrency": args.concurrency}
             | ({"chunk_size": args.chunk_size} if args.chunk_size else {}),
             "products": {"bottle": {"rotation": args.rotation}},
+            # the references are links into the MVTec folder (setup_demo)
+            "storage": {"link_roots": [str(Path(args.data).resolve() / "bottle")]},
         },
     )
     try:

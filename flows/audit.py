@@ -89,11 +89,18 @@ class LotRunSummary:
 
 
 def lot_items(cfg: PipelineConfig, product: str, lot: str) -> list[SourceImage]:
-    """The lot's images, sorted by id (their path inside the lot)."""
+    """The lot's images, sorted by id (their path inside the lot); a symbolic link out of the
+    lot is an item refused unread (an error row)."""
     prefix = cfg.layout().lot(product, lot)
-    uris = list_images(prefix, cfg.storage)
+    listing = list_images(prefix, cfg.storage)
     return [
-        SourceImage(relative_id(prefix, u), u, f"lots/{lot}/{relative_id(prefix, u)}") for u in uris
+        SourceImage(
+            relative_id(prefix, u),
+            u,
+            f"lots/{lot}/{relative_id(prefix, u)}",
+            refused=listing.refused.get(u),
+        )
+        for u in listing.uris
     ]
 
 

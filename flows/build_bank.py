@@ -30,11 +30,12 @@ from tasks.bank import (
     reference_angles,
 )
 from tasks.embed import SourceImage, embed_images
-from tasks.layout import IMAGE_SUFFIXES, latest_version, relative_id
+from tasks.layout import latest_version, relative_id
+from tasks.listing import ImageListing, list_image_files
 from tasks.models import default_threads, embedder
 from tasks.retry import retry_on_storage_error, run_logger
 from tasks.score import RunContext
-from tasks.storage import list_dirs, list_files
+from tasks.storage import list_dirs
 
 
 @dataclass(frozen=True)
@@ -106,17 +107,10 @@ def run_context(
     retry_condition_fn=retry_on_storage_error,
     cache_policy=NO_CACHE,
 )
-def list_images(prefix: str, storage_settings) -> list[str]:
-    """Image URIs under ``prefix`` (recursive, sorted); other files are logged and ignored."""
-    storage = storage_settings.storage_config()
-    every = list_files(prefix, None, storage)
-    images = [u for u in every if u.lower().endswith(IMAGE_SUFFIXES)]
-    ignored = len(every) - len(images)
-    if ignored:
-        run_logger().info(
-            "%s: ignoring %d file(s) without an image suffix %s", prefix, ignored, IMAGE_SUFFIXES
-        )
-    return images
+def list_images(prefix: str, storage_settings, scope: str = "the lot") -> ImageListing:
+    """Image URIs under ``prefix`` (recursive, sorted) and the refused ones (symbolic links out
+    of it); every other file is named in the log and ignored (``tasks.listing``)."""
+    return list_image_files(prefix, storage_settings, run_logger(), scope)
 
 
 def reference_versions(cfg: PipelineConfig, product: str) -> list[str]:
@@ -172,7 +166,13 @@ def prepare_bank(
             return existing
 
     prefix = layout.reference_version(product, version)
-    uris = list_images(prefix, cfg.storage)
+    listing = list_images(prefix, cfg.storage, "the reference set")
+    uris = listing.uris
+    if listing.refused:
+        raise BankError(
+            f"product {product!r} version {version!r}: fix the reference set: "
+            + "; ".join(f"{relative_id(prefix, u)}: {why}" for u, why in listing.refused.items())
+        )
     if psettings.shots is not None:
         if len(uris) < psettings.shots:
             raise BankError(

@@ -299,7 +299,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flows.runtime import with_runner
 
     products = {args.category: {"rotation": args.rotation}}
-    cfg = load_config(args, {"root": root, "products": products})
+    # the demo's references are links into the MVTec folder: allow links to point there
+    links = {"link_roots": [str(Path(args.data).resolve() / args.category)]}
+    cfg = load_config(args, {"root": root, "products": products, "storage": links})
     print(f"demo root {root}")
     print(f"  references {refs} ({args.shots} images of {args.category}/train/good)")
     print(f"  lot        {lot_dir} -> {lot_dir.resolve()}")

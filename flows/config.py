@@ -7,6 +7,8 @@ environment (``ANOMALYDINO_ROOT``, ``ANOMALYDINO_INCOMING``, ``ANOMALYDINO_REFER
 Storage credentials are never part of it: they come from the usual AWS variables
 (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``), an AWS profile (``storage.profile``) or the
 instance role, so a config can be stored as a flow parameter or printed without leaking secrets.
+A config that holds some anyway (a URI with ``user:password@``, a secret-like option in
+``storage.client_kwargs``) is refused with an error naming the field, never echoing its value.
 """
 
 from __future__ import annotations
@@ -18,11 +20,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from anomalydino_core.config import ModelSettings, ScoringSettings
 from tasks.layout import Layout, check_name
-from tasks.storage import StorageConfig, is_local, local_path
+from tasks.storage import (
+    CREDENTIALS_HINT,
+    StorageConfig,
+    find_credentials,
+    is_local,
+    local_path,
+)
 
 CONFIG_ENV = "ANOMALYDINO_CONFIG"
 ENV_FIELDS = {
@@ -35,7 +43,14 @@ DEFAULT_ROOT = ".data/pipeline"
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # inputs are never echoed in errors: a refused value may be a secret
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+
+def _refuse_credentials(value: Any, path: str) -> None:
+    found = find_credentials(value, path)
+    if found:
+        raise ValueError(f"{', '.join(found)}: {CREDENTIALS_HINT}")
 
 
 class StorageSettings(_Frozen):
@@ -47,6 +62,24 @@ class StorageSettings(_Frozen):
     profile: str | None = Field(default=None, description="AWS shared-credentials profile")
     anon: bool = False
     client_kwargs: dict[str, Any] = Field(default_factory=dict, description="botocore options")
+    link_roots: list[str] = Field(
+        default_factory=list,
+        description="local folders that symbolic links in a lot or reference set may point into "
+        "(a link may always point inside its own folder; one pointing elsewhere is an error row)",
+    )
+
+    @field_validator("link_roots")
+    @classmethod
+    def _local_roots(cls, value: list[str]) -> list[str]:
+        for root in value:
+            if not is_local(root):
+                raise ValueError(f"link root {root!r}: not a local path")
+        return [str(local_path(root)) for root in value]
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> StorageSettings:
+        _refuse_credentials(self.model_dump(mode="json"), "storage")
+        return self
 
     def storage_config(self) -> StorageConfig:
         """A ``StorageConfig`` from these settings plus the AWS variables of this process."""
@@ -140,6 +173,11 @@ class PipelineConfig(_Frozen):
         for name in value:
             check_name("product", name)
         return value
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> PipelineConfig:
+        _refuse_credentials(self.model_dump(mode="json", exclude={"storage"}), "")
+        return self
 
     def layout(self) -> Layout:
         return Layout.at(self.root, self.incoming, self.references)

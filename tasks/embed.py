@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 
 from anomalydino_core.augment import rotate_image
 from anomalydino_core.half import float16_checked, to_float32
-from anomalydino_core.images import ImageDecodeError, decode_image
+from anomalydino_core.images import DECODE_MAX_PIXELS, ImageDecodeError, decode_image
 from anomalydino_core.masking import foreground_mask
 from tasks.embedding_store import EmbeddedImage, EmbeddingStore
 from tasks.models import Embedder, compute_lock, embedder, pin_threads
@@ -44,13 +44,15 @@ class SourceImage:
 
     ``store_id`` may contain ``{sha256}`` (content-addressed references). ``angles``: rotated
     views to embed, each stored as ``<store_id>/rot<angle>``; ``None`` embeds the image once
-    under ``store_id`` itself.
+    under ``store_id`` itself. ``refused``: why the listing refused to read it (a symbolic link
+    out of the lot): the image becomes an error row without a read.
     """
 
     image_id: str
     uri: str
     store_id: str
     angles: tuple[int, ...] | None = None
+    refused: str | None = None
 
     def store_ids(self, sha256: str) -> list[str]:
         base = self.store_id.format(sha256=sha256)
@@ -88,7 +90,16 @@ def read_source(uri: str, storage: StorageConfig | None) -> bytes:
     return with_storage_retries(lambda: read_bytes(uri, storage), what=f"read {uri}")
 
 
+def load_image(
+    uri: str, image_id: str, storage: StorageConfig | None, max_pixels: int | None
+) -> np.ndarray:
+    """Read and decode one image (``ImageDecodeError`` if it cannot be decoded or is refused)."""
+    return decode_image(read_source(uri, storage), image_id, max_pixels=max_pixels)
+
+
 def _read_one(item: SourceImage, storage: StorageConfig | None) -> tuple[bytes | None, str | None]:
+    if item.refused is not None:
+        return None, f"{item.image_id}: {item.refused}"
     try:
         return read_source(item.uri, storage), None
     except PERMANENT_ERRORS as exc:
@@ -99,9 +110,11 @@ def _read_one(item: SourceImage, storage: StorageConfig | None) -> tuple[bytes |
         return None, f"{item.image_id}: cannot read {item.uri} ({reason})"
 
 
-def _decode(item: SourceImage, data: bytes) -> tuple[np.ndarray | None, str | None]:
+def _decode(
+    item: SourceImage, data: bytes, max_pixels: int | None, min_edge: int
+) -> tuple[np.ndarray | None, str | None]:
     try:
-        return decode_image(data, item.image_id), None
+        return decode_image(data, item.image_id, max_pixels=max_pixels, min_edge=min_edge), None
     except ImageDecodeError as exc:
         return None, str(exc)
 
@@ -116,6 +129,7 @@ def embed_sources(
     storage: StorageConfig | None = None,
     keep_images: bool = False,
     load_features: bool = True,
+    max_pixels: int | None = DECODE_MAX_PIXELS,
 ) -> list[EmbeddedSource]:
     """Make sure every item is in ``store``; returns one result per item, in input order.
 
@@ -124,7 +138,8 @@ def embed_sources(
     may be a function returning the model: it is then called only if an image needs embedding
     (a re-run that reuses every embedding never loads the backbone).
     ``keep_images`` keeps decoded pixels on the results; ``load_features=False`` only ensures
-    the store (results carry no features).
+    the store (results carry no features). Images over ``max_pixels`` or smaller than one
+    patch of the store's backbone are error results, refused from their header.
     """
     pin_threads(threads)
     results = [EmbeddedSource(item) for item in items]
@@ -148,7 +163,10 @@ def embed_sources(
         res.reused = True
 
     data_of = {id(r): d for r, (d, _) in zip(results, reads, strict=True)}
-    decoded = [pool.submit(_decode, r.item, data_of.pop(id(r))) for r in compute]
+    min_edge = int((store.settings or {}).get("preprocess", {}).get("patch_size", 1))
+    decoded = [
+        pool.submit(_decode, r.item, data_of.pop(id(r)), max_pixels, min_edge) for r in compute
+    ]
 
     def load(res: EmbeddedSource) -> None:
         ids = res.item.store_ids(res.content_sha256)
@@ -324,7 +342,14 @@ def embed_images(
     store = EmbeddingStore.open(store_uri, store_settings, storage)
     with ThreadPoolExecutor(io_threads, thread_name_prefix="embed-io") as pool:
         results = embed_sources(
-            items, store, model, threads=threads, pool=pool, storage=storage, load_features=False
+            items,
+            store,
+            model,
+            threads=threads,
+            pool=pool,
+            storage=storage,
+            load_features=False,
+            max_pixels=model_settings.decode_max_pixels,
         )
     summary = EmbedSummary(
         image_ids=tuple(r.item.image_id for r in results),

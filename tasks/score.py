@@ -26,10 +26,10 @@ from prefect.cache_policies import NO_CACHE
 from anomalydino_core.config import ModelSettings
 from anomalydino_core.few_shot import ScoreResult
 from anomalydino_core.half import to_float32
-from anomalydino_core.images import ImageDecodeError, decode_image
+from anomalydino_core.images import ImageDecodeError
 from anomalydino_core.zero_shot import LazyFeatureSource, MutualScoringConfig, score_mutual
 from tasks.bank import BankManifest, load_scorer
-from tasks.embed import EmbeddedSource, SourceImage, embed_sources, read_source
+from tasks.embed import EmbeddedSource, SourceImage, embed_sources, load_image
 from tasks.embedding_store import EmbeddedImage, EmbeddingStore, image_key
 from tasks.layout import overlay_name
 from tasks.map_archive import MapArchive, write_overlay_png
@@ -201,10 +201,6 @@ def _open_store(ctx: RunContext, storage: StorageConfig) -> EmbeddingStore:
     return EmbeddingStore.open(ctx.store_uri, ctx.store_settings, storage)
 
 
-def load_image(uri: str, image_id: str, storage: StorageConfig | None) -> np.ndarray:
-    return decode_image(read_source(uri, storage), image_id)
-
-
 def _write_overlay(
     ctx: RunContext,
     image_id: str,
@@ -215,7 +211,7 @@ def _write_overlay(
     storage: StorageConfig,
 ) -> None:
     if image is None:
-        image = load_image(uri, image_id, storage)
+        image = load_image(uri, image_id, storage, ctx.model.decode_max_pixels)
     target = ctx.overlay_uri(image_id)
     with_storage_retries(
         lambda: write_overlay_png(target, image, amap, scale[0], scale[1], storage),
@@ -357,6 +353,7 @@ def score_images(
             pool=pool,
             storage=storage,
             keep_images=True,
+            max_pixels=ctx.model.decode_max_pixels,
         )
         t_embedded = time.perf_counter()
         ok = [res for res in results if res.ok]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,43 @@ from fsspec.implementations.local import LocalFileSystem
 ENV_ENDPOINT = "AWS_ENDPOINT_URL"
 ENV_KEY = "AWS_ACCESS_KEY_ID"
 ENV_SECRET = "AWS_SECRET_ACCESS_KEY"
+
+#: Option names that carry credentials (botocore's aws_*_key_id / aws_secret_access_key /
+#: aws_session_token, s3fs's key / secret / token, passwords).
+_SECRET_NAME = re.compile(r"secret|passw|token|credential|access_key|(^|_)key($|_)", re.I)
+CREDENTIALS_HINT = (
+    "credentials are not accepted in the configuration (it is stored with every flow run): "
+    f"set {ENV_KEY} / {ENV_SECRET}, use an AWS profile (storage.profile) or the instance role"
+)
+
+
+def uri_has_credentials(uri: str) -> bool:
+    """Whether ``uri`` carries user info (``scheme://user:password@host/...``)."""
+    if not isinstance(uri, str) or "://" not in uri:
+        return False
+    return "@" in uri.split("://", 1)[1].split("/", 1)[0]
+
+
+def find_credentials(value: Any, path: str = "", *, secret_keys: bool = False) -> list[str]:
+    """Dotted paths inside ``value`` (nested mappings and lists) that hold credentials: a URI
+    with user info anywhere, and, where ``secret_keys`` (free-form option mappings such as
+    ``client_kwargs``), a key named like a secret. Values are never echoed."""
+    found: list[str] = []
+    if isinstance(value, str):
+        if uri_has_credentials(value):
+            found.append(f"{path or 'value'} (a URI with user info: user:password@)")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            sub = f"{path}.{key}" if path else str(key)
+            if secret_keys and _SECRET_NAME.search(str(key)):
+                found.append(sub)
+                continue
+            inner = secret_keys or key == "client_kwargs"
+            found += find_credentials(item, sub, secret_keys=inner)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found += find_credentials(item, f"{path}[{i}]", secret_keys=secret_keys)
+    return found
 
 
 @dataclass(frozen=True)
@@ -41,6 +79,11 @@ class StorageConfig:
     anon: bool = False
     profile: str | None = None  # a profile of the AWS shared credentials file
     client_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        found = find_credentials(dict(self.client_kwargs), "client_kwargs", secret_keys=True)
+        if found:
+            raise ValueError(f"{', '.join(found)}: {CREDENTIALS_HINT}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> StorageConfig:
@@ -191,29 +234,111 @@ def exists(uri: str, storage: StorageConfig | None = None) -> bool:
     return bool(fs.exists(path))
 
 
+@dataclass(frozen=True)
+class Listing:
+    """What ``scan_files`` found below a prefix.
+
+    ``files``: sorted URIs safe to read (regular files, and symbolic links resolving inside the
+    prefix or one of the allowed ``link_roots``). ``refused``: URI -> why it must not be read
+    (a link pointing elsewhere, a broken link); callers report these as errors. ``dir_links``:
+    links to folders (never followed) -> their target. ``skipped``: URI -> why it was left out
+    (hidden names, e.g. temp files of unfinished atomic writes; FIFOs, sockets, devices, whose
+    read would block or never end).
+    """
+
+    files: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    dir_links: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _inside(target: str, roots: Iterable[str]) -> bool:
+    return any(os.path.commonpath([target, root]) == root for root in roots)
+
+
+def _scan_local(prefix: str, base: Path, link_roots: Iterable[str], scope: str) -> Listing:
+    """Walk ``base`` without following any link to a folder; classify every entry."""
+    out = Listing()
+    if base.is_file():
+        out.files.append(prefix)
+        return out
+    roots = [os.path.realpath(base)] + [os.path.realpath(local_path(r)) for r in link_roots]
+    stack = [str(base)]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            uri = _uri_like(prefix, entry.path)
+            if entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                if os.path.isdir(target):
+                    out.dir_links[uri] = target
+                elif not _inside(target, roots):
+                    out.refused[uri] = (
+                        f"symbolic link points outside {scope} (to {target}); not read"
+                    )
+                elif not os.path.exists(target):
+                    out.refused[uri] = f"broken symbolic link (to {target})"
+                elif entry.name.startswith("."):
+                    out.skipped[uri] = "hidden name"
+                elif not os.path.isfile(target):
+                    out.skipped[uri] = "link to something that is not a regular file"
+                else:
+                    out.files.append(uri)
+            elif entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+            elif entry.name.startswith("."):
+                out.skipped[uri] = "hidden name"
+            elif entry.is_file(follow_symlinks=False):
+                out.files.append(uri)
+            else:
+                out.skipped[uri] = "not a regular file (FIFO, socket or device)"
+    out.files.sort()
+    return out
+
+
+def scan_files(
+    prefix: str,
+    storage: StorageConfig | None = None,
+    *,
+    link_roots: Iterable[str] = (),
+    scope: str = "the listed folder",
+) -> Listing:
+    """Every file below ``prefix`` (recursive), classified (see ``Listing``). Locally a symbolic
+    link is never followed out of ``prefix`` (the prefix itself may be a link) unless it
+    resolves inside one of ``link_roots``; links to folders are not followed at all. ``scope``
+    names the prefix in refusals ("the lot"). A missing prefix gives an empty listing."""
+    if is_local(prefix):
+        return _scan_local(prefix, local_path(prefix), link_roots, scope)
+    fs, path = filesystem(prefix, storage)
+    out = Listing()
+    try:
+        found = fs.find(path)
+    except FileNotFoundError:
+        return out
+    for item in sorted(found):
+        uri = _uri_like(prefix, item)
+        if posixpath.basename(item).startswith("."):
+            out.skipped[uri] = "hidden name"
+        else:
+            out.files.append(uri)
+    return out
+
+
 def list_files(
     prefix: str,
     suffixes: Iterable[str] | None = None,
     storage: StorageConfig | None = None,
 ) -> list[str]:
     """Sorted URIs of all files below ``prefix`` (recursive) ending in one of ``suffixes``
-    (case-insensitive; all files when None). Hidden names (``.*``, e.g. temp files of unfinished
-    atomic writes) are skipped. A missing prefix gives an empty list."""
-    fs, path = filesystem(prefix, storage)
+    (case-insensitive; all files when None): ``scan_files(...).files``, so hidden names,
+    special files and links leading out of ``prefix`` are left out. A missing prefix gives an
+    empty list."""
     wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
-    try:
-        found = fs.find(path)
-    except FileNotFoundError:
-        return []
-    out = []
-    for item in found:
-        name = posixpath.basename(item)
-        if name.startswith("."):
-            continue
-        if wanted is not None and not name.lower().endswith(wanted):
-            continue
-        out.append(_uri_like(prefix, item))
-    return sorted(out)
+    files = scan_files(prefix, storage).files
+    return [u for u in files if wanted is None or u.rsplit("/", 1)[-1].lower().endswith(wanted)]
 
 
 def list_dirs(prefix: str, storage: StorageConfig | None = None) -> list[str]:
