@@ -12,6 +12,7 @@ from typing import Any
 
 from prefect import flow
 
+from anomalydino_core.thresholds import effective_threshold
 from flows.build_bank import (
     ModelContext,
     list_images,
@@ -31,7 +32,7 @@ from flows.runtime import (
     utc_now,
     with_runner,
 )
-from tasks.bank import BankManifest, effective_threshold
+from tasks.bank import BankManifest
 from tasks.embed import SourceImage
 from tasks.layout import check_name, relative_id, valid_names
 from tasks.map_archive import MapArchive
@@ -326,7 +327,11 @@ def audit_lot(
         ctx,
         cfg,
         rows,
-        {"bank_key": manifest.key, "masking": manifest.masking_evidence},
+        {
+            "bank_key": manifest.key,
+            "masking": manifest.masking_evidence,
+            "threshold_reason": manifest.threshold_reason,
+        },
         t0,
     )
 

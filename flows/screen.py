@@ -17,6 +17,7 @@ import numpy as np
 from prefect import flow
 
 from anomalydino_core.masking import TESTED_SCREENING_IMAGES, decide_masking
+from anomalydino_core.thresholds import screening_threshold
 from anomalydino_core.zero_shot import MutualScoringConfig, split_query_indices
 from flows.audit import (
     LotRunSummary,
@@ -45,12 +46,6 @@ from tasks.score import (
     write_overlays,
 )
 from tasks.storage import exists
-
-
-def shipment_threshold(scores: list[float], low_quantile: float, ratio: float) -> float:
-    """``ratio`` x the ``low_quantile`` quantile (linear interpolation) of the scores."""
-    q = np.asarray(scores, dtype=np.float64)
-    return float(ratio * np.quantile(q, low_quantile))
 
 
 @flow(name="screen-shipment")
@@ -143,17 +138,16 @@ def screen_shipment(
     elif ok:
         log.warning("%s/%s: a single readable image cannot be screened", product, shipment)
 
-    configured = cfg.product(product).zero_shot_threshold
-    if configured is not None:
-        threshold, source = float(configured), "config"
-    elif len(scores) >= 2:
-        t = cfg.thresholds
-        threshold = shipment_threshold(
-            [z.score for z in scores], t.zero_shot_low_quantile, t.zero_shot_ratio
-        )
-        source = "shipment_low_decile"
-    else:
-        threshold, source = None, "none"
+    t = cfg.thresholds
+    decided = screening_threshold(
+        cfg.product(product).zero_shot_threshold,
+        [z.score for z in scores],
+        low_quantile=t.zero_shot_low_quantile,
+        ratio=t.zero_shot_ratio,
+    )
+    threshold, source = decided.value, decided.source
+    if threshold is None:
+        log.warning("%s/%s: no threshold: %s", product, shipment, decided.reason)
     ctx = replace(ctx, threshold=threshold, threshold_source=source)
     lot_max = max((z.map_max for z in scores), default=0.0)
     scale = overlay_scale(threshold, lot_max)
@@ -188,4 +182,11 @@ def screen_shipment(
         missing = {fid for (fid, _), uri in zip(flagged, written, strict=True) if uri is None}
         rows = [replace(r, overlay_uri=None) if r.image_id in missing else r for r in rows]
 
-    return finish_run("screen", ctx, cfg, rows, {"masking": decision.to_dict()}, t0)
+    return finish_run(
+        "screen",
+        ctx,
+        cfg,
+        rows,
+        {"masking": decision.to_dict(), "threshold_reason": decided.reason},
+        t0,
+    )

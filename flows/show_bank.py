@@ -33,7 +33,7 @@ def bank_text(m: BankManifest) -> str:
             f"bank {m.uri}",
             f"  built {m.created_at} from {len(m.references)} reference(s) x {len(m.angles)} "
             f"view(s), {m.bank_patches} patches: {refs}",
-            f"  threshold {threshold} ({m.threshold_source})",
+            f"  threshold {threshold} ({m.threshold_source}: {m.threshold_reason or 'n/a'})",
             "  " + m.masking.explain().replace("\n", "\n  "),
         ]
     )

@@ -6,11 +6,8 @@ faiss bytes) and ``bank.json`` (the manifest), written last, so a bank without `
 not exist for readers. ``bank_key`` = feature key + a hash of everything else that shapes the bank
 (shots, rotations, masking mode, image score, index kind, threshold rule).
 
-Threshold rule (unless the product config fixes one): each reference r of a sample (at most
-``loo_max_references``, evenly spread over the sorted ids) is scored, exactly as a test image
-would be, against a bank built from all views of the *other* references: s_r (leave-one-out).
-threshold = max(max(s), mean(s) + loo_sigmas * std(s)) * (1 + loo_margin). It needs at least two
-references.
+The threshold rule (unless the product config fixes one) is
+``anomalydino_core.thresholds.reference_threshold`` over leave-one-out scores of the references.
 """
 
 from __future__ import annotations
@@ -40,6 +37,12 @@ from anomalydino_core.masking import (
     views_of_references,
 )
 from anomalydino_core.memory_bank import PatchIndex
+from anomalydino_core.thresholds import (
+    MIN_LOO_REFERENCES,
+    effective_threshold,
+    loo_sample,
+    reference_threshold,
+)
 from tasks.embedding_store import EmbeddingStore
 from tasks.models import compute_lock, pin_threads
 from tasks.retry import retry_on_storage_error, run_logger, with_storage_retries
@@ -68,6 +71,7 @@ def bank_key(
         "angles": list(reference_angles(scoring)),
         "masking": scoring.masking,
         "masking_rule": MASKING_RULE,
+        "min_loo_references": MIN_LOO_REFERENCES,
         "mask_references": scoring.mask_references,
         "image_score": scoring.image_score,
         "sigma": scoring.sigma,
@@ -106,9 +110,10 @@ class BankManifest:
     masking_evidence: dict[str, Any]
     threshold: float | None  # effective when built; None: none derived and none configured
     threshold_source: str  # "reference_loo" | "config" | "none"
-    loo_threshold: float | None  # the leave-one-out rule's threshold (None: < 2 references)
+    loo_threshold: float | None  # the leave-one-out rule's threshold (None: < 3 references)
     threshold_rule: dict[str, Any]
     loo_scores: dict[str, float] = field(default_factory=dict)
+    threshold_reason: str = ""
     created_at: str = ""
     build_seconds: float = 0.0
     format: str = BANK_FORMAT
@@ -139,32 +144,6 @@ class BankManifest:
             for r in d["references"]
         )
         return cls(**d)
-
-
-def loo_sample(n: int, at_most: int) -> list[int]:
-    """Indices of the references scored leave-one-out: all, or ``at_most`` evenly spread."""
-    if n <= at_most:
-        return list(range(n))
-    return sorted({int(round(v)) for v in np.linspace(0, n - 1, at_most)})
-
-
-def loo_threshold(scores: Sequence[float], sigmas: float, margin: float) -> float:
-    """max(max(s), mean(s) + sigmas * std(s)) * (1 + margin), std with ddof=1."""
-    s = np.asarray(scores, dtype=np.float64)
-    if s.size < 2:
-        raise ValueError("the leave-one-out threshold needs at least two references")
-    return float(max(s.max(), s.mean() + sigmas * s.std(ddof=1)) * (1.0 + margin))
-
-
-def effective_threshold(
-    configured: float | None, derived: float | None
-) -> tuple[float | None, str]:
-    """(threshold, source): the product config's value wins over the leave-one-out one."""
-    if configured is not None:
-        return float(configured), "config"
-    if derived is not None:
-        return float(derived), "reference_loo"
-    return None, "none"
 
 
 def _scorer(scoring: ScoringSettings) -> FewShotScorer:
@@ -331,20 +310,15 @@ def fit_and_write_bank(
             log=logger,
         )
     loo_scores = {references[r].image_id: s for r, s in loo}
-    derived = None
-    if len(loo) >= 2:
-        derived = loo_threshold(
-            [s for _, s in loo], threshold_rule["loo_sigmas"], threshold_rule["loo_margin"]
-        )
-    threshold, source = effective_threshold(configured_threshold, derived)
+    derived = reference_threshold(
+        [s for _, s in loo],
+        sigmas=threshold_rule["loo_sigmas"],
+        margin=threshold_rule["loo_margin"],
+    )
+    threshold, source = effective_threshold(configured_threshold, derived.value)
+    threshold_reason = "set in the product config" if source == "config" else derived.reason
     if threshold is None:
-        logger.warning(
-            "%s %s: one reference image, no leave-one-out threshold: set "
-            "products.%s.threshold in the config (audits will report scores without verdicts)",
-            product,
-            version,
-            product,
-        )
+        logger.warning("%s %s: no threshold: %s", product, version, derived.reason)
     manifest = BankManifest(
         uri=bank_uri,
         product=product,
@@ -363,7 +337,8 @@ def fit_and_write_bank(
         threshold=threshold,
         threshold_source=source,
         threshold_rule=threshold_rule,
-        loo_threshold=derived,
+        loo_threshold=derived.value,
+        threshold_reason=threshold_reason,
         loo_scores=loo_scores,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         build_seconds=round(time.perf_counter() - t0, 3),

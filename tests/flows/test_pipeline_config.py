@@ -1,4 +1,4 @@
-"""Pipeline configuration, storage layout and threshold rules (no Prefect, no model)."""
+"""Pipeline configuration and storage layout (no Prefect, no model)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from pydantic import ValidationError
 
 from anomalydino_core.config import ScoringSettings
 from flows.config import PipelineConfig
-from flows.screen import shipment_threshold
-from tasks.bank import bank_key, effective_threshold, loo_sample, loo_threshold
+from tasks.bank import bank_key
 from tasks.layout import Layout, check_name, latest_version, natural_key, overlay_name
 
 
@@ -80,23 +79,6 @@ def test_names_and_versions() -> None:
     assert latest_version(["2024-05-01", "2024-12-01"]) == "2024-12-01"
     assert latest_version([]) is None
     assert sorted(["v10", "v2"], key=natural_key) == ["v2", "v10"]
-
-
-def test_threshold_rules() -> None:
-    assert loo_threshold([0.1, 0.2, 0.3], sigmas=0.0, margin=0.0) == pytest.approx(0.3)
-    assert loo_threshold([0.1, 0.2, 0.3], sigmas=3.0, margin=0.0) == pytest.approx(0.5)
-    assert loo_threshold([0.1, 0.2], sigmas=0.0, margin=0.1) == pytest.approx(0.22)
-    with pytest.raises(ValueError, match="two references"):
-        loo_threshold([0.1], 3.0, 0.0)
-    assert effective_threshold(0.4, 0.2) == (0.4, "config")
-    assert effective_threshold(None, 0.2) == (0.2, "reference_loo")
-    assert effective_threshold(None, None) == (None, "none")
-    assert loo_sample(5, 16) == [0, 1, 2, 3, 4]
-    assert loo_sample(209, 16)[0] == 0 and loo_sample(209, 16)[-1] == 208
-    assert len(loo_sample(209, 16)) == 16
-    # screening: twice the lowest decile, robust to a mostly-defective shipment
-    scores = [0.1] * 3 + [0.4] * 17
-    assert shipment_threshold(scores, 0.1, 2.0) == pytest.approx(0.2)
 
 
 def test_bank_key_tracks_what_shapes_the_bank() -> None:

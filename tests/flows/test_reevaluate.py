@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from anomalydino_core.thresholds import MIN_SCREENING_IMAGES
 from flows.audit import audit_lot
 from flows.config import PipelineConfig
 from flows.reevaluate import reevaluate_updates
@@ -50,7 +51,9 @@ def test_reference_update_rescores_stored_lots(prefect_harness, tmp_path, mvtec_
     assert new.loc["zero_bytes.png", "verdict"] == "error"
     # the lot was not re-embedded: only the new reference image was added to the store
     assert sorted(i for i in store.ids() if i.startswith("lots/")) == sorted(lot_ids)
-    assert len([i for i in store.ids() if i.startswith("references/")]) == 3
+    ref_views = [i for i in store.ids() if i.startswith("references/")]
+    assert len({i.split("/")[1] for i in ref_views}) == 3  # one content sha256 per image
+    assert len(ref_views) == 3 * 8  # each in 8 rotations, for the masking test
     assert {i: entry_mtime(store, i) for i in lot_ids} == before
 
     changes = pd.read_parquet(result.changes_uri)
@@ -67,7 +70,12 @@ def test_reference_update_rescores_stored_lots(prefect_harness, tmp_path, mvtec_
 
 def test_zero_shot_screening(prefect_harness, tmp_path, mvtec_root) -> None:
     root = tmp_path / "pipeline"
-    write_local(root / "incoming" / "bottle" / "shipment-7", lot_files(mvtec_root))
+    shipment = root / "incoming" / "bottle" / "shipment-7"
+    write_local(shipment, lot_files(mvtec_root))
+    # enough readable images for a threshold from the shipment itself (MIN_SCREENING_IMAGES)
+    good = mvtec_root / "bottle" / "test" / "good"
+    extra = [f"good/{i:03d}.png" for i in range(2, 2 + MIN_SCREENING_IMAGES - 4)]
+    write_local(shipment, {rel: (good / rel.split("/")[1]).read_bytes() for rel in extra})
     cfg = PipelineConfig.model_validate(fast_config(str(root), zero_shot_blocks=3))
     summary = screen_shipment("bottle", "shipment-7", cfg)
     df = pd.read_parquet(summary.report_uri).set_index("image_id")
@@ -80,7 +88,7 @@ def test_zero_shot_screening(prefect_harness, tmp_path, mvtec_root) -> None:
     # one block gives the same scores as three (the split never changes a result)
     one = PipelineConfig.model_validate(fast_config(str(root), zero_shot_blocks=1))
     again = screen_shipment("bottle", "shipment-7", one)
-    assert again.n_reused == 4
+    assert again.n_reused == MIN_SCREENING_IMAGES
     pd.testing.assert_series_equal(
         ok["score"],
         pd.read_parquet(again.report_uri).set_index("image_id")["score"].dropna(),
