@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .augment import AGNOSTIC_ANGLES, rotate_image
+from .augment import AGNOSTIC_ANGLES, bank_angles, rotate_image
 from .backbones import load_backbone
 from .backbones.weights import RemoteFetcher
 from .config import ModelSettings, Preprocess, ScoringSettings
@@ -202,7 +202,12 @@ def run_evaluation(
                 refs = category.references(shots, seed)
                 angles = AGNOSTIC_ANGLES if (rotate and shots is not None) else (0,)
                 t_ref = time.perf_counter()
-                grids = reference_grids(refs, angles)
+                reference_grids(refs, angles)
+                grids = [  # non-square references: 0 and 180 degrees only (bank_angles)
+                    ref_cache[(p, a)]
+                    for p in refs
+                    for a in bank_angles(ref_images[p].shape[:2], angles)[0]
+                ]
                 tested = refs[:TESTED_REFERENCES]
                 reference_grids(tested, AGNOSTIC_ANGLES)  # the test's views, embedded once
                 views = views_of_references(

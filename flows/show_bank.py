@@ -34,6 +34,7 @@ def bank_text(m: BankManifest) -> str:
             f"  built {m.created_at} from {len(m.references)} reference(s) x {len(m.angles)} "
             f"view(s), {m.bank_patches} patches: {refs}",
             f"  threshold {threshold} ({m.threshold_source}: {m.threshold_reason or 'n/a'})",
+            *(f"  rotations of {ref}: {why}" for ref, why in m.rotation_notes.items()),
             "  " + m.masking.explain().replace("\n", "\n  "),
         ]
     )

@@ -26,7 +26,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from anomalydino_core.augment import AGNOSTIC_ANGLES
+from anomalydino_core.augment import AGNOSTIC_ANGLES, MAX_ROTATION_ASPECT, bank_angles
 from anomalydino_core.config import ScoringSettings
 from anomalydino_core.few_shot import FewShotScorer
 from anomalydino_core.masking import (
@@ -72,6 +72,7 @@ def bank_key(
         "masking": scoring.masking,
         "masking_rule": MASKING_RULE,
         "min_loo_references": MIN_LOO_REFERENCES,
+        "max_rotation_aspect": MAX_ROTATION_ASPECT,
         "mask_references": scoring.mask_references,
         "image_score": scoring.image_score,
         "sigma": scoring.sigma,
@@ -114,6 +115,7 @@ class BankManifest:
     threshold_rule: dict[str, Any]
     loo_scores: dict[str, float] = field(default_factory=dict)
     threshold_reason: str = ""
+    rotation_notes: dict[str, str] = field(default_factory=dict)  # reference -> views left out
     created_at: str = ""
     build_seconds: float = 0.0
     format: str = BANK_FORMAT
@@ -161,16 +163,19 @@ def fit_bank(
     mask_threshold: float,
     loo_max_references: int,
     masking_views: Sequence[tuple[str, np.ndarray]],
+    angles: tuple[int, ...],
     log: Any = None,
-) -> tuple[FewShotScorer, MaskingDecision, list[tuple[int, float]]]:
+) -> tuple[FewShotScorer, MaskingDecision, list[tuple[int, float]], dict[int, str]]:
     """Masking decision, the full bank, and leave-one-out scores.
 
     ``views[r]`` are the (float32) grids of reference r, the unrotated view first; ``masks[r]``
     their foreground masks; ``masking_views`` the masking test's named views (the tested
-    references in 8 rotations). Returns (fitted scorer, decision, [(r, loo score)]).
+    references in 8 rotations); ``angles`` the angle of each of ``views[r]``. Returns (fitted
+    scorer, decision, [(r, loo score)], {r: why some of its rotations were left out}).
     """
     decision = decide_masking(scoring.masking, masking_views, threshold=mask_threshold)
     use_mask = decision.use_mask
+    views, masks, rotation_notes = _bank_views(views, masks, image_sizes, angles)
 
     def bank_masks(refs: Sequence[int]) -> list[np.ndarray] | None:
         if not (use_mask and scoring.mask_references):
@@ -195,7 +200,20 @@ def fit_bank(
             loo.append((r, float(result.score)))
             if log is not None:
                 log.debug("leave-one-out score of reference %d: %.4f", r, result.score)
-    return scorer, decision, loo
+    return scorer, decision, loo, rotation_notes
+
+
+def _bank_views(views, masks, image_sizes, angles):
+    """Each reference's views restricted to ``bank_angles`` (non-square: 0 and 180 only)."""
+    kept_views, kept_masks, notes = [], [], {}
+    for r, size in enumerate(image_sizes):
+        kept, why = bank_angles(tuple(size), tuple(angles))
+        keep = [i for i, a in enumerate(angles) if a in kept]
+        kept_views.append([views[r][i] for i in keep])
+        kept_masks.append([masks[r][i] for i in keep])
+        if why:
+            notes[r] = why
+    return kept_views, kept_masks, notes
 
 
 def write_bank(
@@ -299,7 +317,7 @@ def fit_and_write_bank(
     masks = [m for _, m in loaded]
     masking_views = views_of_references(rotated, AGNOSTIC_ANGLES, [r.image_id for r in tested])
     with compute_lock():
-        scorer, decision, loo = fit_bank(
+        scorer, decision, loo, rotation_notes = fit_bank(
             views,
             masks,
             [r.image_size for r in references],
@@ -307,6 +325,7 @@ def fit_and_write_bank(
             mask_threshold=mask_threshold,
             loo_max_references=threshold_rule["loo_max_references"],
             masking_views=masking_views,
+            angles=angles,
             log=logger,
         )
     loo_scores = {references[r].image_id: s for r, s in loo}
@@ -339,11 +358,14 @@ def fit_and_write_bank(
         threshold_rule=threshold_rule,
         loo_threshold=derived.value,
         threshold_reason=threshold_reason,
+        rotation_notes={references[r].image_id: why for r, why in rotation_notes.items()},
         loo_scores=loo_scores,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         build_seconds=round(time.perf_counter() - t0, 3),
     )
     write_bank(manifest, scorer, storage)
+    for image_id, why in manifest.rotation_notes.items():
+        logger.info("bank %s: reference %s: %s", bank_uri, image_id, why)
     logger.info(
         "bank %s: %d patches from %d references x %d views; masking %s (%s); threshold %s (%s)",
         bank_uri,
