@@ -224,7 +224,7 @@ def s3_env_from_infra() -> None:
     variables are not set (the secret goes into this process's environment only)."""
     if os.environ.get("AWS_ENDPOINT_URL") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
         return
-    from infra.services import running_s3
+    from infra.seaweedfs import running_s3
 
     service = running_s3()
     if service is None:

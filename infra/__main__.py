@@ -10,13 +10,17 @@ import argparse
 import shlex
 import sys
 
-from infra import services as sv
+from infra.prefect_server import PREFECT_SERVER, running_prefect_server
+from infra.prefect_worker import DEFAULT_POOL
+from infra.processes import STATE_DIR_ENV, ServiceError, stop_service
+from infra.seaweedfs import SEAWEEDFS, running_s3
+from infra.stack import service_names, start_all, status
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m infra", description=__doc__)
     p.add_argument("command", choices=["start", "stop", "status", "env"])
-    p.add_argument("--state-dir", default=None, help=f"default ${sv.STATE_DIR_ENV} or .data/infra")
+    p.add_argument("--state-dir", default=None, help=f"default ${STATE_DIR_ENV} or .data/infra")
     p.add_argument(
         "--only",
         default="seaweedfs,prefect,worker",
@@ -24,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--s3-port", type=int, default=None)
     p.add_argument("--prefect-port", type=int, default=None)
-    p.add_argument("--pool", default=sv.DEFAULT_POOL)
+    p.add_argument("--pool", default=DEFAULT_POOL)
     p.add_argument("--no-ui", action="store_true", help="start the Prefect server without its UI")
     return p
 
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     state = args.state_dir
     try:
         if args.command == "start":
-            stack = sv.start_all(
+            stack = start_all(
                 state,
                 s3_port=args.s3_port,
                 prefect_port=args.prefect_port,
@@ -56,27 +60,27 @@ def main(argv: list[str] | None = None) -> int:
             if stack.worker:
                 print(f"worker          pid {stack.worker.pid:<8} pool {stack.worker.pool}")
         elif args.command == "stop":
-            names = sv.service_names(state)
+            names = service_names(state)
             wanted = [
                 n
                 for n in names
-                if (n == sv.SEAWEEDFS and "seaweedfs" in only)
-                or (n == sv.PREFECT_SERVER and "prefect" in only)
+                if (n == SEAWEEDFS and "seaweedfs" in only)
+                or (n == PREFECT_SERVER and "prefect" in only)
                 or (n.startswith("worker-") and ("worker" in only or "prefect" in only))
             ]
             for name in wanted:
-                stopped = sv.stop_service(name, state)
+                stopped = stop_service(name, state)
                 print(f"{name}: {'stopped' if stopped else 'was not running'}")
         elif args.command == "status":
-            rows = sv.status(state)
+            rows = status(state)
             if not rows:
                 print("no services recorded")
             for st in rows.values():
                 state_word = "healthy" if st.healthy else ("running" if st.running else "dead")
                 print(f"{st.name:<24} pid {st.pid!s:<8} {state_word:<8} {st.url or ''}  {st.log}")
         else:
-            s3 = sv.running_s3(state)
-            server = sv.running_prefect_server(state)
+            s3 = running_s3(state)
+            server = running_prefect_server(state)
             if s3 is not None:
                 secret_file = s3.state_dir / "secrets" / "s3_secret_key"
                 print(f"export AWS_ENDPOINT_URL={shlex.quote(s3.endpoint_url)}")
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             if server is not None:
                 for k, v in server.env().items():
                     print(f"export {k}={shlex.quote(v)}")
-    except sv.ServiceError as exc:
+    except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

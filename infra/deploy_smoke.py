@@ -23,9 +23,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra import services as sv
+from infra.prefect_server import (
+    prefect_binary,
+    prefect_env,
+    running_prefect_server,
+    start_prefect_server,
+)
+from infra.prefect_worker import DEFAULT_POOL, start_worker, worker_service_name
+from infra.processes import REPO_ROOT, default_state_dir, stop_service
+from infra.stack import status
 
-REPO = sv.REPO_ROOT
+REPO = REPO_ROOT
 DEFAULT_DEPLOYMENT = "nightly-audit/nightly"
 MVTEC = Path(os.environ.get("ANOMALYDINO_MVTEC_ROOT", REPO.parent / "shared" / "data" / "mvtec_ad"))
 
@@ -71,9 +79,9 @@ def smoke_config(root: Path) -> dict:
 
 def deploy(api_url: str, state_dir: Path) -> str:
     """``prefect --no-prompt deploy --all`` from the repository root; returns its output."""
-    env = {**os.environ, **sv.prefect_env(api_url, state_dir)}
+    env = {**os.environ, **prefect_env(api_url, state_dir)}
     proc = subprocess.run(
-        [sv._prefect_binary(), "--no-prompt", "deploy", "--all"],
+        [prefect_binary(), "--no-prompt", "deploy", "--all"],
         cwd=REPO,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -112,15 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}.items():
         os.environ.setdefault(key, value)
-    state_dir = Path(args.state_dir).resolve() if args.state_dir else sv.default_state_dir()
+    state_dir = Path(args.state_dir).resolve() if args.state_dir else default_state_dir()
     root = Path(args.root or tempfile.mkdtemp(prefix="anomalydino-smoke-")).resolve()
-    had_server = sv.running_prefect_server(state_dir) is not None
-    worker_name = sv.worker_service_name(sv.DEFAULT_POOL)
-    had_worker = bool(getattr(sv.status(state_dir).get(worker_name), "running", False))
-    server = sv.start_prefect_server(state_dir, ui=False)
+    had_server = running_prefect_server(state_dir) is not None
+    worker_name = worker_service_name(DEFAULT_POOL)
+    had_worker = bool(getattr(status(state_dir).get(worker_name), "running", False))
+    server = start_prefect_server(state_dir, ui=False)
     try:
-        sv.start_worker(server.api_url, sv.DEFAULT_POOL, state_dir)
-        print(f"prefect server {server.api_url}, worker on pool {sv.DEFAULT_POOL}")
+        start_worker(server.api_url, DEFAULT_POOL, state_dir)
+        print(f"prefect server {server.api_url}, worker on pool {DEFAULT_POOL}")
         deploy(server.api_url, state_dir)
         print("deployed prefect.yaml")
         prepare_data(root)
@@ -133,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             if not had_worker:
-                sv.stop_service(worker_name, state_dir)
+                stop_service(worker_name, state_dir)
             if not had_server:
                 server.stop()
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from infra.services import S3Service, start_seaweedfs
+from infra.seaweedfs import S3Service, start_seaweedfs
 from tasks.storage import StorageConfig, filesystem
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
