@@ -294,13 +294,7 @@ def _zero_shot(grids, fgs, sizes, masking_mode, threshold, scoring: ScoringSetti
         views = [(f"test image {i}", g) for i, g in enumerate(grids[:TESTED_SCREENING_IMAGES])]
         decision = decide_masking(masking_mode, views, threshold=threshold)
         use_mask, reason = decision.use_mask, decision.reason
-    config = MutualScoringConfig(
-        statistic=scoring.zero_shot_statistic,
-        alpha=scoring.zero_shot_alpha,
-        memory_budget_bytes=int(scoring.memory_budget_gb * 2**30),
-        image_score=scoring.image_score,
-        sigma=scoring.sigma,
-    )
+    config = MutualScoringConfig.from_settings(scoring)  # device "auto"
     t0 = time.perf_counter()
     results = score_mutual(grids, masks=fgs if use_mask else None, image_sizes=sizes, config=config)
     score_ms = 1000.0 * (time.perf_counter() - t0) / len(grids)

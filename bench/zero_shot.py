@@ -1,4 +1,4 @@
-"""Benchmark of batched zero-shot mutual scoring (anomalydino_core.zero_shot).
+"""Benchmark of batched zero-shot mutual scoring (anomalydino_core.zero_shot, mutual_topk).
 
 Features have the geometry of dinov2_vits14 at 448 (32 x 32 = 1024 patches x 384 dims, float16).
 Every N runs in a fresh subprocess so that its peak RSS (ru_maxrss) is its own.

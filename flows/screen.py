@@ -124,13 +124,8 @@ def screen_shipment(
     )
     scores = []
     if len(ok) >= 2:
-        zconfig = MutualScoringConfig(
-            statistic=scoring.zero_shot_statistic,
-            alpha=scoring.zero_shot_alpha,
-            memory_budget_bytes=int(scoring.memory_budget_gb * 2**30),
-            image_score=scoring.image_score,
-            sigma=scoring.sigma,
-            device="cpu" if cfg.model.device == "cpu" else "auto",
+        zconfig = MutualScoringConfig.from_settings(
+            scoring, device="cpu" if cfg.model.device == "cpu" else "auto"
         )
         blocks = split_query_indices(len(ok), cfg.runtime.zero_shot_blocks)
         block_futures = [score_zero_shot_block.submit(b, ok, ctx, zconfig) for b in blocks]

@@ -11,8 +11,6 @@ from anomalydino_core.zero_shot import (
     MutualScoringConfig,
     score_mutual,
     split_query_indices,
-    tail_size,
-    tail_statistic,
 )
 
 SHAPES = [(6, 5), (6, 5), (4, 7), (6, 5), (5, 5), (6, 5), (3, 9)]
@@ -164,19 +162,6 @@ def test_masked_patches_score_zero_and_bank_unchanged() -> None:
     assert all(r.score == 0.0 and not r.patch_scores.any() for r in res)
 
 
-def test_code_mean_without_values_below_the_kth_returns_the_kth() -> None:
-    # k == 1: nothing strictly below the smallest -> the nearest-neighbour distance
-    d = np.array([[0.3, 0.5, 0.9], [0.2, 0.2, 0.4]])
-    np.testing.assert_allclose(tail_statistic(d, "code_mean", 1), [0.3, 0.2])
-    # ties at the k-th smallest: the mean of what is strictly below, else the k-th itself
-    np.testing.assert_allclose(tail_statistic(d, "code_mean", 2), [0.3, 0.2])
-    np.testing.assert_allclose(tail_statistic(d, "code_mean", 3), [0.4, 0.2])
-    np.testing.assert_allclose(tail_statistic(d, "quantile", 2), [0.5, 0.2])
-    # bf16-rounded distances: ties are rounding artefacts, the k - 1 smallest are averaged
-    np.testing.assert_allclose(tail_statistic(d, "code_mean", 3, quantized=True), [0.4, 0.2])
-    np.testing.assert_allclose(tail_statistic(d, "code_mean", 1, quantized=True), [0.3, 0.2])
-
-
 def test_tied_distances_match_reference() -> None:
     """Duplicated images make many exactly tied distances at the k-th smallest."""
     rng = np.random.default_rng(2)
@@ -194,16 +179,6 @@ def test_split_query_indices() -> None:
     assert split_query_indices(7, 4) == [[0, 1], [2, 3], [4], [5, 6]]
     assert split_query_indices(2, 4) == [[0], [1]]
     assert split_query_indices(5, 1) == [[0, 1, 2, 3, 4]]
-
-
-def test_tail_size() -> None:
-    assert tail_size("code_mean", 0.001, 84_992) == 84  # int(0.001 * M), as the authors' code
-    assert tail_size("code_mean", 0.001, 999) == 1  # int() gives 0: at least 1
-    assert tail_size("quantile", 0.001, 84_992) == 85  # ceil(alpha * M)
-    assert tail_size("quantile", 0.001, 3000) == 3  # no float noise: 0.001 * 3000 -> 3
-    assert tail_size("quantile", 0.5, 3) == 2
-    with pytest.raises(ValueError):
-        tail_size("code_mean", 0.001, 0)
 
 
 def test_lazy_source_and_float16_match_in_memory() -> None:
