@@ -13,6 +13,7 @@ from typing import Any
 from prefect import flow
 
 from anomalydino_core.thresholds import effective_threshold
+from flows import leftovers
 from flows.build_bank import (
     ModelContext,
     list_images,
@@ -225,7 +226,14 @@ def open_map_archive(ctx: RunContext, cfg: PipelineConfig, scale: tuple[float, f
         "overlay_scale": None if scale is None else list(scale),
         "colour_map": "jet",
     }
-    return MapArchive.open(ctx.maps_uri, settings, cfg.storage_config())
+    storage, layout = cfg.storage_config(), cfg.layout()
+    run_maps = layout.run_maps(ctx.product, ctx.lot, ctx.run_id)
+    report = layout.report(ctx.product, ctx.lot, ctx.run_id)
+    leftovers.remove_stale_runs(
+        run_maps.rsplit("/", 1)[0], layout.lot_reports(ctx.product, ctx.lot), storage
+    )
+    leftovers.started(ctx.flow_run_id, report, run_maps, storage)  # removed if the run fails
+    return MapArchive.open(ctx.maps_uri, settings, storage)
 
 
 def previous_overlays(cfg: PipelineConfig, product: str, lot: str) -> PreviousOverlays | None:
@@ -281,7 +289,7 @@ def few_shot_context(
     )
 
 
-@flow(name="audit-lot")
+@flow(name="audit-lot", **leftovers.FLOW_HOOKS)
 def audit_lot(
     product: str,
     lot: str,

@@ -33,7 +33,7 @@ from tasks.embed import SourceImage, embed_images
 from tasks.layout import latest_version, relative_id
 from tasks.listing import ImageListing, list_image_files
 from tasks.models import default_threads, embedder
-from tasks.retry import retry_on_storage_error, run_logger
+from tasks.retry import TASK_RETRY_OPTIONS, run_logger
 from tasks.score import RunContext
 from tasks.storage import list_dirs
 
@@ -102,9 +102,7 @@ def run_context(
 
 @task(
     name="list-images",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=retry_on_storage_error,
+    **TASK_RETRY_OPTIONS,
     cache_policy=NO_CACHE,
 )
 def list_images(prefix: str, storage_settings, scope: str = "the lot") -> ImageListing:

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="runs/evaluate")
     _add_model_args(ev)
     _add_scoring_args(ev)
-    ev.set_defaults(func=_evaluate)
+    ev.set_defaults(func=_evaluate, preflight=lambda a: _check_weights(_model_settings(a)))
 
     from flows.commands import add_subcommands
 
@@ -129,15 +129,13 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes (``flows/exits.py``): 0 done, 1 the run failed, 2 bad input or config,
+    3 partial (the report holds error rows); a failure ends with one ``error:`` line."""
     warnings.formatwarning = _warning_line
     args = build_parser().parse_args(argv)
-    from anomalydino_core.backbones import WeightsUnavailableError
+    from flows.exits import run_command
 
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, WeightsUnavailableError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from flows.exits import outcome
+
 REPO = Path(__file__).resolve().parents[1]
 QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 
@@ -133,16 +135,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     result = with_runner(audit_lot, cfg.runtime)(args.product, args.lot, cfg, args.version)
     _print_result(args, result)
-    return 0
+    return outcome(result)
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
     _quiet()
     from flows.audit import nightly_audit
 
-    cfg = load_config(args)
-    _print_result(args, nightly_audit(cfg, args.product or None))
-    return 0
+    result = nightly_audit(load_config(args), args.product or None)
+    _print_result(args, result)
+    return outcome(result)
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
@@ -153,7 +155,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     result = with_runner(screen_shipment, cfg.runtime)(args.product, args.shipment, cfg)
     _print_result(args, result)
-    return 0
+    return outcome(result)
 
 
 def cmd_reevaluate(args: argparse.Namespace) -> int:
@@ -167,7 +169,7 @@ def cmd_reevaluate(args: argparse.Namespace) -> int:
     else:
         result = reevaluate_updates(cfg)
     _print_result(args, result)
-    return 0
+    return outcome(result)
 
 
 # --------------------------------------------------------------------------------- demo
@@ -320,7 +322,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"zarr.open_group({summary.maps_uri!r}) -> {len(list(maps['maps'].arrays()))} maps"
         )
     print(f"command wall time {time.perf_counter() - t0:.1f}s (flow {summary.seconds:.1f}s)")
-    return 0
+    return outcome(summary)
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:

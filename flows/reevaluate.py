@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 from prefect import flow
 
+from flows import leftovers
 from flows.audit import (
     LotRunSummary,
     few_shot_context,
@@ -133,7 +134,7 @@ def _none_if_nan(value):
     return None if value is None or pd.isna(value) else value
 
 
-@flow(name="reevaluate")
+@flow(name="reevaluate", **leftovers.FLOW_HOOKS)
 def reevaluate(
     product: str, version: str | None = None, config: PipelineConfig | None = None
 ) -> ReevaluationSummary:

@@ -19,6 +19,7 @@ from prefect import flow
 from anomalydino_core.masking import TESTED_SCREENING_IMAGES, decide_masking
 from anomalydino_core.thresholds import screening_threshold
 from anomalydino_core.zero_shot import MutualScoringConfig, split_query_indices
+from flows import leftovers
 from flows.audit import (
     LotRunSummary,
     finish_run,
@@ -48,7 +49,7 @@ from tasks.score import (
 from tasks.storage import exists
 
 
-@flow(name="screen-shipment")
+@flow(name="screen-shipment", **leftovers.FLOW_HOOKS)
 def screen_shipment(
     product: str, shipment: str, config: PipelineConfig | None = None
 ) -> LotRunSummary:

@@ -45,7 +45,7 @@ from anomalydino_core.thresholds import (
 )
 from tasks.embedding_store import EmbeddingStore
 from tasks.models import compute_lock, pin_threads
-from tasks.retry import retry_on_storage_error, run_logger, with_storage_retries
+from tasks.retry import TASK_RETRY_OPTIONS, run_logger, with_storage_retries
 from tasks.storage import StorageConfig, atomic_write_bytes, exists, join, read_bytes
 
 BANK_FORMAT = "anomalydino.bank/1"
@@ -266,9 +266,7 @@ def load_scorer(manifest: BankManifest, storage: StorageConfig | None) -> FewSho
 
 @task(
     name="fit-bank",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=retry_on_storage_error,
+    **TASK_RETRY_OPTIONS,
     cache_policy=NO_CACHE,
 )
 def fit_and_write_bank(

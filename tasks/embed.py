@@ -32,7 +32,7 @@ from anomalydino_core.images import DECODE_MAX_PIXELS, ImageDecodeError, decode_
 from anomalydino_core.masking import foreground_mask
 from tasks.embedding_store import EmbeddedImage, EmbeddingStore
 from tasks.models import Embedder, compute_lock, embedder, pin_threads
-from tasks.retry import retry_on_storage_error, run_logger, with_storage_retries
+from tasks.retry import TASK_RETRY_OPTIONS, run_logger, with_storage_retries
 from tasks.storage import PERMANENT_ERRORS, StorageConfig, read_bytes
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,8 @@ def sha256_hex(data: bytes) -> str:
 
 
 def read_source(uri: str, storage: StorageConfig | None) -> bytes:
-    """The bytes of ``uri``; transient storage errors are retried here (3 attempts) and then
-    raised (for the task's retry); a missing or forbidden object raises at once."""
+    """The bytes of ``uri``; transient storage errors are retried here (within the outage
+    budget of ``tasks.retry``); a missing or forbidden object raises at once."""
     return with_storage_retries(lambda: read_bytes(uri, storage), what=f"read {uri}")
 
 
@@ -321,9 +321,7 @@ class EmbedSummary:
 
 @task(
     name="embed-images",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=retry_on_storage_error,
+    **TASK_RETRY_OPTIONS,
     cache_policy=NO_CACHE,
 )
 def embed_images(

@@ -12,8 +12,9 @@ Layout at the store URI::
 ``settings`` (backbone, weights hash, resolution, ...) is fixed when the store is created;
 opening it with other settings raises :class:`StoreSettingsError`, so embeddings of different
 models or preprocessing never mix. An image is visible only once ``complete: true`` is written to
-its group, which happens last (one atomic object write); a run killed halfway leaves an
-incomplete group that readers ignore and the next ``put`` overwrites.
+its group, which happens last (one atomic object write); the group is written first with
+``complete: false``, so a run killed halfway leaves an incomplete group (never arrays without
+their group, which zarr warns about) that readers ignore and the next ``put`` overwrites.
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ from zarr.errors import ContainsGroupError, GroupNotFoundError, NodeNotFoundErro
 
 from anomalydino_core.half import float16_checked
 from tasks import zarr_nodes
-from tasks.storage import StorageConfig, zarr_store
+from tasks.storage import StorageConfig, is_local, zarr_store
 
 FORMAT_VERSION = 1
 EMBEDDING_STORE_KIND = "embedding_store"
 _META = "anomalydino"
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 NOT_FOUND_ERRORS = (GroupNotFoundError, NodeNotFoundError, FileNotFoundError, KeyError)
+_REPAIRED: set[str] = set()  # local stores repaired by this process
 
 
 def complete_ids(store: Any, path: str, *, groups: bool) -> list[str]:
@@ -237,7 +239,11 @@ class EmbeddingStore(ZarrRoot):
             read_only=read_only,
             children=cls.children,
         )
-        return cls(uri, store, stored, read_only)
+        handle = cls(uri, store, stored, read_only)
+        if not read_only and is_local(uri) and uri not in _REPAIRED:
+            _REPAIRED.add(uri)
+            handle.repair()
+        return handle
 
     def _path(self, image_id: str) -> str:
         return f"images/{image_key(image_id)}"
@@ -292,15 +298,30 @@ class EmbeddingStore(ZarrRoot):
             mask_chunk, mask_meta = zarr_nodes.array_files(f"{path}/mask", mask)
             chunk.update(mask_chunk)
             meta.update(mask_meta)
-        steps = [{**chunk, **meta}, zarr_nodes.group_files(path, {**attrs, "complete": True})]
+        # the group first (incomplete), so no entry ever exists without its metadata; the
+        # arrays; then the flag. A failure removes what was written (best effort).
+        steps = [
+            zarr_nodes.group_files(path, attrs),
+            {**chunk, **meta},
+            zarr_nodes.group_files(path, {**attrs, "complete": True}),
+        ]
         try:
             self._ensure_children()
-            if zarr_nodes.exists(self._store, f"{path}/zarr.json"):
-                # replacing an entry: hide the old one first (readers never mix old and new)
-                steps.insert(0, zarr_nodes.group_files(path, attrs))
             zarr_nodes.write_steps(self._store, steps)
         except Exception as exc:
+            zarr_nodes.remove_quietly(self._store, path)
             raise OSError(f"{self.uri}: writing image {item.image_id!r} failed: {exc}") from exc
+
+    def repair(self) -> list[str]:
+        """Remove the entries left without their group metadata (by a write that failed or was
+        killed halfway, or by versions that wrote the group last): zarr warns about each on
+        every listing, and readers ignore them anyway (their images are embedded again).
+        Returns the node names removed. Done by every writable ``open`` of a local store (once
+        per process); on S3 it costs a listing and a request per entry, so only on demand."""
+        broken = zarr_nodes.without_metadata(self._store, "images")
+        for name in broken:
+            zarr_nodes.remove_quietly(self._store, f"images/{name}")
+        return broken
 
     def attributes(self, image_id: str) -> dict[str, Any]:
         """Stored attributes of a complete entry (no array read); ``KeyError`` if absent."""

@@ -142,6 +142,7 @@ class MapArchive(ZarrRoot):
                 steps.insert(0, meta)
             zarr_nodes.write_steps(self._store, steps)
         except Exception as exc:
+            zarr_nodes.remove_quietly(self._store, path)  # no chunk left without its metadata
             raise OSError(f"{self.uri}: writing map of {image_id!r} failed: {exc}") from exc
 
     def get(self, image_id: str) -> np.ndarray:

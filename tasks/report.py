@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.retry import retry_on_storage_error, with_storage_retries
+from tasks.retry import TASK_RETRY_OPTIONS, with_storage_retries
 from tasks.storage import StorageConfig, atomic_write_bytes, filesystem, list_files
 
 VERDICT_ANOMALOUS = "anomalous"
@@ -142,9 +142,7 @@ def table_bytes(table: pa.Table) -> bytes:
 
 @task(
     name="write-report",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=retry_on_storage_error,
+    **TASK_RETRY_OPTIONS,
     cache_policy=NO_CACHE,
 )
 def write_report(

@@ -35,16 +35,14 @@ from tasks.layout import overlay_name
 from tasks.map_archive import MapArchive, write_overlay_png
 from tasks.models import Embedder, compute_lock, embedder, pin_threads
 from tasks.report import ReportRow, verdict_of
-from tasks.retry import retry_on_storage_error, run_logger, with_storage_retries
+from tasks.retry import TASK_RETRY_OPTIONS, run_logger, with_storage_retries
 from tasks.storage import PERMANENT_ERRORS, StorageConfig, copy_object, join
 
 FEW_SHOT = "few_shot"
 ZERO_SHOT = "zero_shot"
 
 _TASK_OPTIONS: dict[str, Any] = dict(
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=retry_on_storage_error,
+    **TASK_RETRY_OPTIONS,
     cache_policy=NO_CACHE,
 )
 

@@ -21,6 +21,9 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+from tasks.retry import PERMANENT_ERRORS as PERMANENT_ERRORS  # re-exported
+from tasks.retry import is_transient
+
 ENV_ENDPOINT = "AWS_ENDPOINT_URL"
 ENV_KEY = "AWS_ACCESS_KEY_ID"
 ENV_SECRET = "AWS_SECRET_ACCESS_KEY"
@@ -103,7 +106,13 @@ class StorageConfig:
         client = dict(self.client_kwargs)
         if self.endpoint_url:
             client["endpoint_url"] = self.endpoint_url
-        opts: dict[str, Any] = {"use_listings_cache": False, "client_kwargs": client}
+        opts: dict[str, Any] = {
+            "use_listings_cache": False,
+            "client_kwargs": client,
+            # botocore retries a request once (a dropped connection); longer outages are
+            # retried, within one time budget, by tasks.retry
+            "config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 2}},
+        }
         if self.anon:
             opts["anon"] = True
         elif self.profile and self.key is None:
@@ -362,19 +371,12 @@ def list_dirs(prefix: str, storage: StorageConfig | None = None) -> list[str]:
     return sorted(n for n in names if n and not n.startswith("."))
 
 
-#: Errors that say something about one object, not about the storage service: never retried.
-PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-
-
 def is_storage_error(exc: BaseException) -> bool:
-    """True for transient storage failures worth a retry (I/O errors, S3 client/connection
-    errors, timeouts); False for bad input (missing object, undecodable image, bad config)."""
-    if isinstance(exc, PERMANENT_ERRORS):
-        return False
-    if isinstance(exc, OSError | TimeoutError | ConnectionError):
-        return True
-    module = type(exc).__module__ or ""
-    return module.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3"))
+    """True for transient storage failures worth a retry (connection errors, timeouts, S3 5xx
+    and throttling, other I/O errors); False for permanent ones (missing object, permission
+    denied, disk full, other S3 4xx) and bad input. The classification is
+    ``tasks.retry.failure_class``."""
+    return is_transient(exc)
 
 
 def zarr_store(uri: str, storage: StorageConfig | None = None, read_only: bool = False) -> Any:

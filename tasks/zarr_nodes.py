@@ -27,7 +27,7 @@ import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import MemoryStore
+from zarr.storage import LocalStore, MemoryStore
 
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
@@ -160,6 +160,36 @@ def write_steps(store: Any, steps: Sequence[Files]) -> None:
 
 def exists(store: Any, key: str) -> bool:
     return bool(sync(store.exists(key)))
+
+
+def remove_quietly(store: Any, path: str) -> bool:
+    """Best effort: delete every object under ``path`` (a node that failed halfway), so no
+    folder is left without its ``zarr.json`` (zarr warns on every listing of one). False when
+    the removal failed too (e.g. the storage is down)."""
+    try:
+        sync(store.delete_dir(path))
+    except Exception:
+        return False
+    return True
+
+
+async def _names(store: Any, path: str) -> list[str]:
+    return [name async for name in store.list_dir(path)]
+
+
+def without_metadata(store: Any, path: str) -> list[str]:
+    """Names of the child folders of ``path`` that have no ``zarr.json`` (nodes whose writing
+    failed before their metadata): one listing, then one existence check per child (local
+    stores: a ``stat`` each, no thread hop)."""
+    names = sorted(n for n in sync(_names(store, path)) if "." not in n)
+    root = getattr(store, "root", None)
+    if isinstance(store, LocalStore) and root is not None:
+        return [n for n in names if not (root / path / n / "zarr.json").is_file()]
+
+    async def _exist() -> list[bool]:
+        return await asyncio.gather(*(store.exists(f"{path}/{n}/zarr.json") for n in names))
+
+    return [n for n, ok in zip(names, sync(_exist()), strict=True) if not ok]
 
 
 # ------------------------------------------------------------------------------------ reading

@@ -390,6 +390,7 @@ def _die_before_last_step(mp: pytest.MonkeyPatch) -> None:
         raise RuntimeError("worker killed")
 
     mp.setattr(zarr_nodes, "write_steps", killed)
+    mp.setattr(zarr_nodes, "remove_quietly", lambda store, path: False)  # killed: no clean-up
 
 
 def test_overlay_png(base) -> None:
