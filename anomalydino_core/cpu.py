@@ -12,7 +12,8 @@ are handed back to the kernel on free and faulted in (and zeroed) again on the n
 which cost a quarter of the DINOv2 ViT-S/14 bf16 forward pass on CPU here (148 -> 111 ms per
 image at 448, batch 8). ``keep_freed_memory`` raises the trim and mmap thresholds once per process
 so that freed blocks are reused. The price: the process keeps its peak heap until it exits, which
-suits batch workers. Set ``ANOMALYDINO_MALLOC_TUNING=0`` to leave the allocator alone.
+suits batch workers. The runtime decides (``tasks.models.tune_allocator``: on CPU, unless
+``ANOMALYDINO_MALLOC_TUNING=0``) and passes its decision here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import os
 
 import faiss
 import threadpoolctl
@@ -61,9 +61,10 @@ _M_MMAP_THRESHOLD = -3
 
 
 @functools.cache
-def keep_freed_memory() -> bool:
-    """Tune glibc malloc once (no-op elsewhere); True when the settings were applied."""
-    if os.environ.get("ANOMALYDINO_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no"):
+def keep_freed_memory(enabled: bool) -> bool:
+    """Tune glibc malloc once when ``enabled`` (no-op elsewhere); True when the settings were
+    applied. ``enabled=False`` leaves the allocator alone."""
+    if not enabled:
         return False
     name = ctypes.util.find_library("c")
     if not name:

@@ -1,11 +1,14 @@
-"""MVTec-layout folders: ROOT/NAME/{train/good, test/<type>, ground_truth/<type>/*_mask.png}."""
+"""An MVTec-layout category as data: its train/good references, test items and mask names.
+
+The layout is ROOT/NAME/{train/good, test/<type>, ground_truth/<type>/*_mask.png}. The paths here
+are names only: listing a folder into an ``MVTecCategory`` and reading its files is
+``tasks/datasets.py``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 #: Table 8 of the paper: (masking, rotate) per category for the 'informed' preprocessing.
 #: Masking 'auto' means the masking test decides; textures are never masked.
@@ -69,30 +72,3 @@ class MVTecCategory:
                 f"only {len(self.train_good)} exist"
             )
         return self.train_good[start:stop]
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-
-
-def load_mvtec_category(root: str | Path, name: str) -> MVTecCategory:
-    """List a category; every file under test/ is kept (unreadable ones are reported later)."""
-    base = Path(root) / name
-    train = base / "train" / "good"
-    test = base / "test"
-    if not train.is_dir() or not test.is_dir():
-        raise FileNotFoundError(
-            f"{base} is not an MVTec-layout category (needs train/good and test/)"
-        )
-    gt_root = base / "ground_truth"
-    has_masks = gt_root.is_dir()
-    items: list[TestItem] = []
-    for type_dir in sorted(p for p in test.iterdir() if p.is_dir()):
-        for path in _images(type_dir):
-            mask = None
-            if has_masks and type_dir.name != "good":
-                candidate = gt_root / type_dir.name / f"{path.stem}_mask.png"
-                mask = candidate if candidate.is_file() else None
-            items.append(TestItem(path=path, defect_type=type_dir.name, mask_path=mask))
-    train_images = [p for p in _images(train) if p.suffix.lower() in IMAGE_SUFFIXES]
-    return MVTecCategory(name, base, train_images, items, has_masks)

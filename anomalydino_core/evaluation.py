@@ -1,8 +1,12 @@
-"""The MVTec evaluation protocol: k-shot x seeds (or zero-shot) on one category, with metrics."""
+"""The MVTec evaluation protocol: k-shot x seeds (or zero-shot) on one category, with metrics.
+
+Arrays in, a table out: ``evaluate_category`` takes the decoded test split, a ready feature
+extractor and a callable that decodes a reference image; listing and reading the category,
+loading the backbone and writing the outputs is ``tasks/evaluation.py``.
+"""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,17 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .augment import AGNOSTIC_ANGLES, bank_angles, rotate_image
-from .backbones import load_backbone
-from .backbones.weights import RemoteFetcher
 from .config import ModelSettings, Preprocess, ScoringSettings
-from .cpu import set_threads
-from .datasets import INFORMED_SETTINGS, MVTecCategory, TestItem, load_mvtec_category
+from .datasets import INFORMED_SETTINGS, MVTecCategory, TestItem
 from .features import PatchFeatureExtractor
 from .few_shot import FewShotScorer
-from .images import ImageDecodeError, read_image, read_mask
 from .masking import (
     MASKING_RULE,
     TESTED_REFERENCES,
@@ -68,7 +67,17 @@ def parse_shots(text: str) -> tuple[int | None, ...]:
     return tuple(out)
 
 
-def _preprocess_plan(preprocess: Preprocess, category: str, masking: str) -> tuple[str, bool]:
+@dataclass
+class DecodedTestSplit:
+    """A category's readable test images, in order, with their items and ground-truth masks."""
+
+    items: list[TestItem]
+    images: list[np.ndarray]  # RGB uint8
+    masks: list[np.ndarray] | None  # bool, one per image (all False for good ones); None: none
+    errors: list[str]  # one message per unreadable test file
+
+
+def preprocess_plan(preprocess: Preprocess, category: str, masking: str) -> tuple[str, bool]:
     """(masking mode, rotate references) for a preprocessing scheme."""
     if preprocess == "agnostic":
         return masking, True
@@ -100,56 +109,27 @@ class _Progress:
             self.log(f"  {self.label}: {self.done}/{self.total} ({rate:.1f}/s)")
 
 
-def _read_test_images(
-    category: MVTecCategory, log: Log
-) -> tuple[list[TestItem], list[np.ndarray], list[str]]:
-    items, images, errors = [], [], []
-    for item in category.test:
-        try:
-            images.append(read_image(item.path))
-            items.append(item)
-        except ImageDecodeError as exc:
-            errors.append(str(exc))
-            log(f"WARNING skipping unreadable test image: {exc}")
-    return items, images, errors
-
-
-def run_evaluation(
-    request: EvaluationRequest, log: Log | None = None, fetch_remote: RemoteFetcher | None = None
+def evaluate_category(
+    request: EvaluationRequest,
+    category: MVTecCategory,
+    test: DecodedTestSplit,
+    extractor: PatchFeatureExtractor,
+    read_reference: Callable[[Path], np.ndarray],
+    log: Log,
 ) -> pd.DataFrame:
     """Evaluate one category; returns one row per shots x seed with every metric.
 
-    ``fetch_remote`` downloads weights given as a URI (supplied by the I/O layer).
+    ``read_reference(path)`` decodes one of ``category.train_good`` (called once per reference
+    a run uses); everything else arrives decoded in ``test``.
     """
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    category = load_mvtec_category(request.data, request.category)
     model, scoring = request.model, request.scoring
-    masking_mode, rotate = _preprocess_plan(request.preprocess, category.name, scoring.masking)
-    set_threads(model.threads or torch.get_num_threads())
-
-    backbone = load_backbone(model.backbone, weights=model.weights, fetch_remote=fetch_remote)
-    if model.backbone == "auto":
-        log(
-            f"backbone=auto resolved to {backbone.identity.name} ({backbone.identity.weights_source})"
-        )
-    extractor = PatchFeatureExtractor(
-        backbone,
-        resolution=model.resolution,
-        precision=model.precision,
-        device=model.device,
-        batch_size=model.batch_size,
-    )
-    log(
-        f"{category.name}: {len(category.test)} test images, {len(category.train_good)} train/good; "
-        f"backbone {backbone.identity.name}, precision {extractor.precision}, "
-        f"{model.resolution}px, preprocess {request.preprocess}"
-    )
-
-    items, images, read_errors = _read_test_images(category, log)
+    masking_mode, rotate = preprocess_plan(request.preprocess, category.name, scoring.masking)
+    backbone = extractor.backbone
+    items, images, read_errors = test.items, test.images, test.errors
     if not items:
         raise ValueError(f"{category.name}: no readable test images")
     labels = np.array([it.label for it in items])
-    gt_masks = _load_masks(items, images) if category.has_masks else None
+    gt_masks = test.masks
 
     progress = _Progress(log, "embedding test images", len(images))
     test_grids: list[np.ndarray] = []
@@ -171,7 +151,7 @@ def run_evaluation(
         views = []
         for p, a in missing:
             if p not in ref_images:
-                ref_images[p] = read_image(p)
+                ref_images[p] = read_reference(p)
             views.append(rotate_image(ref_images[p], a))
         for (p, a), grid in zip(missing, extractor.embed(views), strict=True):
             ref_cache[(p, a)] = grid
@@ -259,17 +239,6 @@ def run_evaluation(
     return pd.DataFrame(rows)
 
 
-def _load_masks(items: list[TestItem], images: list[np.ndarray]) -> list[np.ndarray]:
-    masks = []
-    for item, img in zip(items, images, strict=True):
-        size = img.shape[:2]
-        if item.mask_path is None:
-            masks.append(np.zeros(size, dtype=bool))
-        else:
-            masks.append(read_mask(item.mask_path, size))
-    return masks
-
-
 def _metrics(scores, labels, maps, gt_masks) -> dict:
     out = {c: float("nan") for c in METRIC_COLUMNS}
     im = image_metrics(scores, labels)
@@ -327,17 +296,3 @@ def summary_table(df: pd.DataFrame) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
-
-
-def write_outputs(df: pd.DataFrame, out_dir: str | Path) -> tuple[Path, Path, str]:
-    """Write metrics.parquet and metrics.md atomically; returns their paths and the table."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table = summary_table(df)
-    parquet, md = out / "metrics.parquet", out / "metrics.md"
-    tmp_p, tmp_m = out / ".metrics.parquet.tmp", out / ".metrics.md.tmp"
-    df.to_parquet(tmp_p, index=False)
-    tmp_m.write_text(table + "\n")
-    tmp_p.replace(parquet)
-    tmp_m.replace(md)
-    return parquet, md, table

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import LoadedBackbone, PreprocessConfig
-from .cpu import cpu_has_fast_bf16, keep_freed_memory
+from .cpu import cpu_has_fast_bf16
 
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -109,8 +109,6 @@ class PatchFeatureExtractor:
         if self.device.type == "cpu" and backbone.spec.cpu_batch_size:
             self.batch_size = min(self.batch_size, backbone.spec.cpu_batch_size)
         self.channels_last = backbone.spec.channels_last
-        if self.device.type == "cpu":
-            keep_freed_memory()
         self.module = backbone.module.to(self.device)
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)

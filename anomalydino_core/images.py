@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import re
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -251,22 +250,3 @@ def decode_image(
     if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise ImageDecodeError(f"{name}: decoded to an empty image {rgb.shape}")
     return np.ascontiguousarray(rgb)
-
-
-def read_image(path: str | Path, *, max_pixels: int | None = DECODE_MAX_PIXELS) -> np.ndarray:
-    """Read a local image file as RGB uint8."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ImageDecodeError(f"{path}: cannot read file ({exc.strerror or exc})") from None
-    return decode_image(data, str(path), max_pixels=max_pixels)
-
-
-def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a ground-truth mask as bool (H, W); non-zero is defect."""
-    with Image.open(path) as img:
-        mask = np.asarray(img.convert("L")) > 0
-    if size is not None and mask.shape != tuple(size):
-        raise ValueError(f"mask {path} has size {mask.shape}, image has {tuple(size)}")
-    return mask

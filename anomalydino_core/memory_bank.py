@@ -1,11 +1,10 @@
-"""A small serialisable faiss index of reference patches (fit / search / save / load)."""
+"""A small serialisable faiss index of reference patches (fit / search / to and from bytes)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import faiss
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 
 IndexKind = Literal["exact", "exact_bf16", "hnsw", "ivf"]
-_FORMAT = "anomalydino.patch_index/1"
+INDEX_FORMAT = "anomalydino.patch_index/1"
 _BYTES_MAGIC = b"ADPATCHIDX1\n"
 
 
@@ -215,29 +214,11 @@ class PatchIndex:
         """Cosine distance of each query row to its nearest bank patch, (n,) float32."""
         return self.search(queries, 1).distances[:, 0]
 
-    def save(self, path: str | Path) -> None:
-        """Write ``path`` (``to_bytes()``) and ``path.json`` (metadata) atomically."""
-        path = Path(path)
-        raw = self.to_bytes()
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(raw)
-        meta = {
-            "format": _FORMAT,
-            "kind": self.kind,
-            "size": self.size,
-            "dim": self.dim,
-            "nprobe": self.nprobe,
-        }
-        tmp_meta = path.with_name(path.name + ".json.tmp")
-        tmp_meta.write_text(json.dumps(meta))
-        tmp.replace(path)
-        tmp_meta.replace(path.with_name(path.name + ".json"))
-
     def to_bytes(self) -> bytes:
         """A small JSON header (format, kind, dim) then the faiss bytes; no pickle."""
         if self._index is None:
             raise RuntimeError("nothing to serialise: call fit() first")
-        header = json.dumps({"format": _FORMAT, "kind": self.kind, "dim": self.dim}).encode()
+        header = json.dumps({"format": INDEX_FORMAT, "kind": self.kind, "dim": self.dim}).encode()
         raw = faiss.serialize_index(self._index).tobytes()
         return _BYTES_MAGIC + len(header).to_bytes(4, "little") + header + raw
 
@@ -265,21 +246,4 @@ class PatchIndex:
         if kind == "ivf":
             index.nprobe = nprobe
         obj._set(index, dim or index.d)
-        return obj
-
-    @classmethod
-    def load(cls, path: str | Path, *, use_gpu: bool | None = None) -> PatchIndex:
-        path = Path(path)
-        meta = json.loads(path.with_name(path.name + ".json").read_text())
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path}: not a patch index (format {meta.get('format')!r})")
-        obj = cls.from_bytes(
-            path.read_bytes(),
-            meta["kind"],
-            use_gpu=use_gpu,
-            nprobe=meta.get("nprobe", 16),
-            dim=meta["dim"],
-        )
-        if obj.size != meta["size"] or obj.dim != meta["dim"]:
-            raise ValueError(f"{path}: index does not match its metadata (truncated file?)")
         return obj

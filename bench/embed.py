@@ -18,8 +18,9 @@ import time
 import numpy as np
 import torch
 
-from anomalydino_core.backbones import load_backbone
 from anomalydino_core.features import PatchFeatureExtractor, select_device, to_input_tensor
+from tasks.models import tune_allocator
+from tasks.weights import load_backbone
 
 
 def median_ms_per_image(ex: PatchFeatureExtractor, batch: torch.Tensor, repeats: int) -> float:
@@ -46,6 +47,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (900, 900, 3), dtype=np.uint8)
     device = select_device(args.device)
+    tune_allocator(device)  # as the pipeline does (ANOMALYDINO_MALLOC_TUNING=0: glibc's defaults)
     where = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} threads"
     )

@@ -53,8 +53,9 @@ def _check_weights(model) -> None:
     """Resolve a named backbone's weights up front (``auto`` falls back later, with a warning)."""
     if model.backbone == "auto":
         return
-    from anomalydino_core.backbones import get_backbone_spec, resolve_weights
+    from anomalydino_core.backbones import get_backbone_spec
     from tasks.models import remote_fetcher
+    from tasks.weights import resolve_weights
 
     resolve_weights(
         get_backbone_spec(model.backbone), model.weights, fetch_remote=remote_fetcher(None)
@@ -64,11 +65,8 @@ def _check_weights(model) -> None:
 def _evaluate(args) -> int:
     from anomalydino_core.backbones import WeightsUnavailableError
     from anomalydino_core.config import ScoringSettings
-    from anomalydino_core.evaluation import (
-        EvaluationRequest,
-        parse_shots,
-        write_outputs,
-    )
+    from anomalydino_core.evaluation import EvaluationRequest, parse_shots
+    from tasks.evaluation import write_outputs
 
     request = EvaluationRequest(
         data=Path(args.data),

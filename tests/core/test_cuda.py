@@ -7,12 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from anomalydino_core.backbones import load_backbone
 from anomalydino_core.config import ModelSettings, ScoringSettings
-from anomalydino_core.evaluation import EvaluationRequest, run_evaluation
+from anomalydino_core.evaluation import EvaluationRequest
 from anomalydino_core.features import PatchFeatureExtractor, select_device
 from anomalydino_core.memory_bank import PatchIndex
 from anomalydino_core.zero_shot import MutualScoringConfig, score_mutual
+from tasks.evaluation import run_evaluation
+from tasks.weights import load_backbone
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anomalydino_core.backbones import load_backbone
+from anomalydino_core.backbones import build_backbone
+from tasks.weights import load_backbone
 
 vits = pytest.importorskip(
     "dinov2.models.vision_transformer", reason="authors' code: pip install --no-deps dinov2"
@@ -117,7 +118,7 @@ def official_reg(size: str, depth: int | None = None) -> OfficialRegViT:
 def ours_reg(size: str, depth: int | None = None) -> torch.nn.Module:
     """Our registered ``dinov2_vit{size}14_reg`` encoder (cut to ``depth`` blocks), no weights."""
     with torch.device("meta"):  # built without initialising (or allocating) the full model
-        module = load_backbone(f"dinov2_vit{size}14_reg", weights="random").module
+        module = build_backbone(f"dinov2_vit{size}14_reg").module
     module.vit.blocks = module.vit.blocks[:depth]
     return module.to_empty(device="cpu")
 
@@ -128,7 +129,7 @@ def test_official_reg_layout_loads_into_every_reg_backbone(size):
     shape of every ``_reg`` backbone, with and without ``mask_token`` (timm alone needs it)."""
     with torch.device("meta"):
         state = official_reg(size).state_dict()
-        ours = load_backbone(f"dinov2_vit{size}14_reg", weights="random").module
+        ours = build_backbone(f"dinov2_vit{size}14_reg").module
     assert state["pos_embed"].shape[1] == 1 + 37 * 37 and state["register_tokens"].shape[1] == 4
     ours.load_official_state_dict(state)  # strict
     ours.load_official_state_dict({k: v for k, v in state.items() if k != "mask_token"})

@@ -1,20 +1,24 @@
-"""The evaluate command on the real MVTec bottle images (1-shot, one seed), and bad files."""
+"""The evaluation protocol on arrays (no files): shots parsing, rows, references decoded once.
+
+The real MVTec run is tests/tasks/test_evaluation.py; the command line tests/flows/test_evaluate.py.
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import pandas as pd
+import numpy as np
 import pytest
 
+from anomalydino_core import datasets  # TestItem by attribute: pytest collects Test* names
 from anomalydino_core.config import ModelSettings
-from anomalydino_core.evaluation import EvaluationRequest, parse_shots, run_evaluation
-
-pytestmark = pytest.mark.slow
+from anomalydino_core.evaluation import (
+    DecodedTestSplit,
+    EvaluationRequest,
+    evaluate_category,
+    parse_shots,
+)
+from anomalydino_core.features import PatchFeatureExtractor
 
 
 def test_parse_shots():
@@ -24,110 +28,54 @@ def test_parse_shots():
         parse_shots("one")
 
 
-def test_one_shot_bottle_meets_the_bars(mvtec_root):
+def _disc(rng, defect: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A grey disc on black; a defect is a bright square (its mask)."""
+    yy, xx = np.mgrid[:128, :128]
+    img = np.zeros((128, 128, 3), np.uint8)
+    inside = (yy - 64) ** 2 + (xx - 64) ** 2 < 45**2
+    img[inside] = 120 + rng.integers(0, 20, (int(inside.sum()), 3), dtype=np.uint8)
+    mask = np.zeros((128, 128), bool)
+    if defect:
+        y, x = rng.integers(40, 76, 2)
+        img[y : y + 14, x : x + 14] = (250, 40, 40)
+        mask[y : y + 14, x : x + 14] = True
+    return img, mask
+
+
+def test_protocol_runs_on_arrays_and_decodes_each_reference_once(effnet):
+    rng = np.random.default_rng(0)
+    refs = {Path(f"disc/train/good/{i:03d}.png"): _disc(rng, False)[0] for i in range(2)}
+    items, images, masks = [], [], []
+    for kind in ("good", "spot"):
+        for i in range(3):
+            img, mask = _disc(rng, kind != "good")
+            path = Path(f"disc/test/{kind}/{i:03d}.png")
+            items.append(
+                datasets.TestItem(path, kind, None if kind == "good" else path.with_suffix(".m"))
+            )
+            images.append(img)
+            masks.append(mask)
+    category = datasets.MVTecCategory("disc", Path("disc"), sorted(refs), items, has_masks=True)
+    test = DecodedTestSplit(items, images, masks, errors=["disc/test/good/x.png: empty file"])
+    reads: list[Path] = []
+
+    def read_reference(path: Path) -> np.ndarray:
+        reads.append(path)
+        return refs[path]
+
     request = EvaluationRequest(
-        data=mvtec_root,
-        category="bottle",
-        shots=(1,),
-        seeds=(0,),
-        model=ModelSettings(backbone="efficientnet_lite0"),
+        data=Path("never/read"),
+        category="disc",
+        shots=(1, 0),
+        seeds=(0, 1),
+        model=ModelSettings(backbone="efficientnet_lite0", resolution=128),
     )
-    df = run_evaluation(request, log=lambda _: None)
-    row = df.iloc[0]
-    assert row["n_test_images"] == 83 and row["bank_patches"] == 8 * 28 * 28
-    assert row["image_auroc"] >= 0.998, row["image_auroc"]
-    assert row["pixel_aupro"] >= 0.960, row["pixel_aupro"]
-    assert row["backbone"] == "efficientnet_lite0" and len(row["weights_sha256"]) == 64
-
-
-def _small_category(mvtec_root: Path, dst: Path) -> Path:
-    src = mvtec_root / "bottle"
-    cat = dst / "bottle"
-    (cat / "train" / "good").mkdir(parents=True)
-    for p in sorted((src / "train" / "good").glob("*.png"))[:2]:
-        os.symlink(p, cat / "train" / "good" / p.name)
-    for kind, n in (("good", 3), ("broken_large", 3)):
-        (cat / "test" / kind).mkdir(parents=True)
-        for p in sorted((src / "test" / kind).glob("*.png"))[:n]:
-            os.symlink(p, cat / "test" / kind / p.name)
-    shutil.copytree(
-        src / "ground_truth" / "broken_large", cat / "ground_truth" / "broken_large", symlinks=True
-    )
-    (cat / "test" / "broken_large" / "900.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    (cat / "test" / "good" / "notes.txt").write_text("not an image")
-    (cat / "test" / "good" / "empty.png").write_bytes(b"")
-    return dst
-
-
-def test_cli_reports_bad_files_by_name_and_goes_on(mvtec_root, tmp_path):
-    data = _small_category(mvtec_root, tmp_path / "data")
-    out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "flows.cli",
-        "evaluate",
-        "--data",
-        str(data),
-        "--category",
-        "bottle",
-        "--shots",
-        "1",
-        "--seeds",
-        "0,1",
-        "--backbone",
-        "efficientnet_lite0",
-        "--resolution",
-        "224",
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2])
-    assert proc.returncode == 0, proc.stderr
-    for name in ("900.png", "notes.txt", "empty.png"):
-        assert name in proc.stderr
-    df = pd.read_parquet(out / "metrics.parquet")
-    assert list(df["seed"]) == [0, 1] and (df["n_test_images"] == 6).all()
-    assert (df["n_unreadable"] == 3).all()
-    for col in (
-        "image_auroc",
-        "pixel_aupro",
-        "embed_ms_per_image",
-        "score_ms_per_image",
-        "weights_sha256",
-        "resolution",
-        "preprocess",
-    ):
-        assert df[col].notna().all(), col
-    md = (out / "metrics.md").read_text()
-    assert "| 1 | 2 |" in md and "image_auroc" in md
-    assert "image_auroc" in proc.stdout
-
-
-def test_cli_without_dinov2_weights_fails_fast_with_one_message(mvtec_root, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", ANOMALYDINO_WEIGHTS_DIR=str(tmp_path))
-    cmd = [
-        sys.executable,
-        "-m",
-        "flows.cli",
-        "evaluate",
-        "--data",
-        str(mvtec_root),
-        "--category",
-        "bottle",
-        "--shots",
-        "1",
-        "--seeds",
-        "0",
-        "--backbone",
-        "dinov2_vits14",
-        "--out",
-        str(tmp_path / "out"),
-    ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, env=env, timeout=60, cwd=Path(__file__).parents[2]
-    )
-    assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "--weights" in errors[0] and str(tmp_path) in errors[0]
-    assert not (tmp_path / "out").exists()
+    extractor = PatchFeatureExtractor(effnet, resolution=128, precision="fp32", device="cpu")
+    df = evaluate_category(request, category, test, extractor, read_reference, lambda _: None)
+    assert list(df["shots"]) == ["1", "1", "0"] and list(df["seed"]) == [0, 1, 0]
+    assert (df["n_test_images"] == 6).all() and (df["n_unreadable"] == 1).all()
+    assert sorted(reads) == sorted(refs)  # each reference decoded once, 8 views embedded
+    assert df["image_auroc"].notna().all() and df["pixel_aupro"].notna().all()
+    none_readable = DecodedTestSplit([], [], None, ["x"])
+    with pytest.raises(ValueError, match="no readable test images"):
+        evaluate_category(request, category, none_readable, extractor, read_reference, print)

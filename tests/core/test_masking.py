@@ -8,7 +8,6 @@ from scipy import ndimage
 
 from anomalydino_core.augment import AGNOSTIC_ANGLES, rotate_image
 from anomalydino_core.features import PatchFeatureExtractor
-from anomalydino_core.images import read_image
 from anomalydino_core.masking import (
     MASKING_RULE,
     MaskingDecision,
@@ -19,6 +18,7 @@ from anomalydino_core.masking import (
     view_evidence,
     views_of_references,
 )
+from tasks.image_files import read_image
 
 from .synthetic import TEXTURES, object_grid, object_on_plain, with_defect
 
@@ -106,7 +106,8 @@ def real_backbone(request, effnet):
     no meaningful PCA, so it runs only where its official checkpoint is available."""
     if request.param == "efficientnet_lite0":
         return effnet
-    from anomalydino_core.backbones import WeightsUnavailableError, load_backbone
+    from anomalydino_core.backbones import WeightsUnavailableError
+    from tasks.weights import load_backbone
 
     try:
         return load_backbone(request.param)

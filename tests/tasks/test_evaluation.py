@@ -1,0 +1,27 @@
+"""The evaluation's I/O side on the real MVTec bottle images (1-shot, one seed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from anomalydino_core.config import ModelSettings
+from anomalydino_core.evaluation import EvaluationRequest
+from tasks.evaluation import run_evaluation
+
+pytestmark = pytest.mark.slow
+
+
+def test_one_shot_bottle_meets_the_bars(mvtec_root):
+    request = EvaluationRequest(
+        data=mvtec_root,
+        category="bottle",
+        shots=(1,),
+        seeds=(0,),
+        model=ModelSettings(backbone="efficientnet_lite0"),
+    )
+    df = run_evaluation(request, log=lambda _: None)
+    row = df.iloc[0]
+    assert row["n_test_images"] == 83 and row["bank_patches"] == 8 * 28 * 28
+    assert row["image_auroc"] >= 0.998, row["image_auroc"]
+    assert row["pixel_aupro"] >= 0.960, row["pixel_aupro"]
+    assert row["backbone"] == "efficientnet_lite0" and len(row["weights_sha256"]) == 64
