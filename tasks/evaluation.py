@@ -17,10 +17,9 @@ from anomalydino_core.evaluation import (
     preprocess_plan,
     summary_table,
 )
-from anomalydino_core.features import PatchFeatureExtractor
 from tasks.datasets import load_mvtec_category, read_test_split
 from tasks.image_files import read_image
-from tasks.models import tune_allocator
+from tasks.models import build_extractor
 from tasks.weights import RemoteFetcher, load_backbone
 
 
@@ -42,14 +41,7 @@ def run_evaluation(
         log(
             f"backbone=auto resolved to {backbone.identity.name} ({backbone.identity.weights_source})"
         )
-    tune_allocator(model.device)
-    extractor = PatchFeatureExtractor(
-        backbone,
-        resolution=model.resolution,
-        precision=model.precision,
-        device=model.device,
-        batch_size=model.batch_size,
-    )
+    extractor = build_extractor(model, backbone)
     log(
         f"{category.name}: {len(category.test)} test images, {len(category.train_good)} train/good; "
         f"backbone {backbone.identity.name}, precision {extractor.precision}, "

@@ -106,15 +106,20 @@ def _cached_embedder(model: ModelSettings, storage: StorageConfig | None) -> Emb
     backbone = load_backbone(
         model.backbone, weights=model.weights, fetch_remote=remote_fetcher(storage)
     )
+    extractor = build_extractor(model, backbone)
+    return Embedder(extractor, feature_settings(extractor))
+
+
+def build_extractor(model: ModelSettings, backbone) -> PatchFeatureExtractor:
+    """The feature extractor of ``model`` around a loaded backbone (allocator tuned first)."""
     tune_allocator(model.device)
-    extractor = PatchFeatureExtractor(
+    return PatchFeatureExtractor(
         backbone,
         resolution=model.resolution,
         precision=model.precision,
         device=model.device,
         batch_size=model.batch_size,
     )
-    return Embedder(extractor, feature_settings(extractor))
 
 
 def embedder(model: ModelSettings, storage: StorageConfig | None = None) -> Embedder:
