@@ -104,7 +104,8 @@ def _plain(value: Any) -> Any:
 
 def cmd_build_bank(args: argparse.Namespace) -> int:
     _quiet()
-    from flows.build_bank import bank_markdown, build_bank
+    from flows.banks import bank_markdown
+    from flows.build_bank import build_bank
     from flows.runtime import with_runner
 
     cfg = load_config(args)

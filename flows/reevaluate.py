@@ -20,15 +20,9 @@ import pyarrow as pa
 from prefect import flow
 
 from flows import leftovers
-from flows.audit import (
-    LotRunSummary,
-    few_shot_context,
-    open_map_archive,
-    report_metadata,
-    summarize,
-)
-from flows.build_bank import model_context, prepare_bank, reference_versions
+from flows.banks import model_context, prepare_bank, reference_versions
 from flows.config import PipelineConfig
+from flows.run import LotRunSummary, few_shot_context, open_map_archive, report_metadata, summarize
 from flows.runtime import (
     artifact_key,
     chunked,

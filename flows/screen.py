@@ -20,14 +20,9 @@ from anomalydino_core.masking import TESTED_SCREENING_IMAGES, decide_masking
 from anomalydino_core.thresholds import screening_threshold
 from anomalydino_core.zero_shot import MutualScoringConfig, split_query_indices
 from flows import leftovers
-from flows.audit import (
-    LotRunSummary,
-    finish_run,
-    lot_items,
-    open_map_archive,
-)
-from flows.build_bank import model_context, run_context
+from flows.banks import model_context, run_context
 from flows.config import PipelineConfig
+from flows.run import LotRunSummary, finish_run, lot_items, open_map_archive
 from flows.runtime import (
     chunked,
     resolve_config,

@@ -52,7 +52,12 @@ def test_killed_run_resumes_where_it_stopped(prefect_harness, tmp_path, mvtec_ro
         while time.monotonic() < deadline and proc.poll() is None:
             found = list(stores.glob("*.zarr")) if stores.is_dir() else []
             if found:
-                ids = [i for i in EmbeddingStore.open(str(found[0]), None).ids() if "lots/" in i]
+                try:  # the audit may be between creating the folder and its metadata
+                    store = EmbeddingStore.open(str(found[0]), None, read_only=True)
+                except FileNotFoundError:
+                    time.sleep(0.02)
+                    continue
+                ids = [i for i in store.ids() if "lots/" in i]
                 if len(ids) >= 3:
                     os.killpg(proc.pid, signal.SIGKILL)
                     done_at_kill = ids
