@@ -10,6 +10,7 @@ import time
 
 from prefect import flow
 
+from anomalydino_core.overlays import overlay_scale
 from flows import leftovers
 from flows.banks import model_context, prepare_bank, reference_versions
 from flows.config import PipelineConfig
@@ -23,10 +24,10 @@ from flows.runtime import (
     utc_now,
     with_runner,
 )
-from tasks.layout import check_name, valid_names
+from tasks.layout import valid_names
 from tasks.report import list_reports
 from tasks.retry import run_logger
-from tasks.score import overlay_scale, score_images
+from tasks.score import score_images
 from tasks.storage import exists, list_dirs
 
 
@@ -42,18 +43,16 @@ def audit_lot(
     t0 = time.perf_counter()
     started = utc_now()
     cfg = resolve_config(config)
-    check_name("product", product)
-    check_name("lot", lot)
+    lot_uri = cfg.layout().lot(product, lot)  # names are checked there, once (tasks/layout.py)
     log = run_logger()
     mc = model_context(cfg, product)
     manifest = prepare_bank(cfg, product, mc, version)
     ctx = few_shot_context(cfg, product, lot, mc, manifest, started=started)
     items = lot_items(cfg, product, lot)
     if not items:
-        prefix = cfg.layout().lot(product, lot)
-        if not exists(prefix, cfg.storage_config()):
-            raise FileNotFoundError(f"{product}/{lot}: no lot at {prefix}")
-        log.warning("%s/%s: no images under %s", product, lot, prefix)
+        if not exists(lot_uri, cfg.storage_config()):
+            raise FileNotFoundError(f"{product}/{lot}: no lot at {lot_uri}")
+        log.warning("%s/%s: no images under %s", product, lot, lot_uri)
     open_map_archive(ctx, cfg, overlay_scale(ctx.threshold, 0.0))
     log.info(
         "auditing %s/%s: %d images, bank %s (%s, %d patches), threshold %s (%s)",

@@ -34,7 +34,7 @@ from tasks.layout import latest_version, relative_id
 from tasks.listing import ImageListing, list_image_files
 from tasks.models import default_threads, embedder
 from tasks.retry import TASK_RETRY_OPTIONS, run_logger
-from tasks.score import RunContext
+from tasks.run_context import RunContext
 from tasks.storage import list_dirs
 
 

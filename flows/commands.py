@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -380,13 +379,3 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     de.add_argument("--s3", metavar="BUCKET", default=None, help="every URI on s3://BUCKET")
     add_config_args(de)
     de.set_defaults(func=cmd_demo)
-
-
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - convenience
-    from flows.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 from prefect import flow
 
+from anomalydino_core.overlays import overlay_scale
 from flows import leftovers
 from flows.banks import model_context, prepare_bank, reference_versions
 from flows.config import PipelineConfig
@@ -38,7 +39,8 @@ from tasks.layout import check_name, latest_version, valid_names
 from tasks.report import list_reports, read_report, write_report, write_table
 from tasks.report import report_metadata as read_report_metadata
 from tasks.retry import run_logger
-from tasks.score import FEW_SHOT, overlay_scale, rescore_stored
+from tasks.run_context import FEW_SHOT
+from tasks.score import rescore_stored
 from tasks.storage import list_dirs
 
 CHANGE_SCHEMA = pa.schema(

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from anomalydino_core.overlays import overlay_scale
 from anomalydino_core.thresholds import effective_threshold
 from flows import leftovers
 from flows.banks import ModelContext, list_images, run_context
@@ -24,7 +25,7 @@ from tasks.map_archive import MapArchive
 from tasks.report import ReportRow, list_reports, read_report, write_report
 from tasks.report import report_metadata as read_report_metadata
 from tasks.retry import run_logger
-from tasks.score import FEW_SHOT, PreviousOverlays, RunContext, overlay_scale
+from tasks.run_context import FEW_SHOT, PreviousOverlays, RunContext
 
 
 @dataclass(frozen=True)

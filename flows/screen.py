@@ -17,6 +17,7 @@ import numpy as np
 from prefect import flow
 
 from anomalydino_core.masking import TESTED_SCREENING_IMAGES, decide_masking
+from anomalydino_core.overlays import overlay_scale
 from anomalydino_core.thresholds import screening_threshold
 from anomalydino_core.zero_shot import MutualScoringConfig, split_query_indices
 from flows import leftovers
@@ -30,17 +31,11 @@ from flows.runtime import (
 )
 from tasks.embed import embed_images
 from tasks.embedding_store import EmbeddingStore
-from tasks.layout import check_name
+from tasks.overlays import write_overlays
 from tasks.report import ReportRow
 from tasks.retry import run_logger
-from tasks.score import (
-    ZERO_SHOT,
-    StoredImage,
-    make_row,
-    overlay_scale,
-    score_zero_shot_block,
-    write_overlays,
-)
+from tasks.run_context import ZERO_SHOT, make_row
+from tasks.score_zero_shot import StoredImage, score_zero_shot_block
 from tasks.storage import exists
 
 
@@ -52,17 +47,15 @@ def screen_shipment(
     t0 = time.perf_counter()
     started = utc_now()
     cfg = resolve_config(config)
-    check_name("product", product)
-    check_name("lot", shipment)
+    lot_uri = cfg.layout().lot(product, shipment)  # names are checked there, once
     log = run_logger()
     storage = cfg.storage_config()
-    layout = cfg.layout()
     scoring = cfg.scoring_for(product)
     mc = model_context(cfg, product)
     items = lot_items(cfg, product, shipment)
-    if not items and not exists(layout.lot(product, shipment), storage):
+    if not items and not exists(lot_uri, storage):
         raise FileNotFoundError(
-            f"{product}/{shipment}: no shipment at {layout.lot(product, shipment)}"
+            f"{product}/{shipment}: no shipment at {lot_uri}"
         )
     futures = [
         embed_images.submit(

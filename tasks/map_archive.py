@@ -24,6 +24,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from anomalydino_core.half import float16_checked, to_float16
+from anomalydino_core.overlays import render_overlay
 from tasks import zarr_nodes
 from tasks.embedding_store import (
     NOT_FOUND_ERRORS,
@@ -189,24 +190,6 @@ def map_sha256(amap16: np.ndarray) -> str:
     """sha256 of a float16 map's C-order bytes: equal maps, equal hashes (stored with each map,
     so a re-run can tell an unchanged map without reading it)."""
     return hashlib.sha256(np.ascontiguousarray(amap16, dtype=np.float16).tobytes()).hexdigest()
-
-
-def render_overlay(
-    image_rgb: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5
-) -> np.ndarray:
-    """RGB uint8 blend of ``image_rgb`` and the JET colour map of ``amap`` in [vmin, vmax]."""
-    if image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
-        raise ValueError(f"image must be (H, W, 3) uint8, got {image_rgb.shape} {image_rgb.dtype}")
-    if amap.shape != image_rgb.shape[:2]:
-        raise ValueError(f"map shape {amap.shape} != image shape {image_rgb.shape[:2]}")
-    if not vmax > vmin:
-        raise ValueError(f"need vmax > vmin, got vmin={vmin}, vmax={vmax}")
-    scaled = (np.nan_to_num(amap.astype(np.float32), nan=vmin) - vmin) / (vmax - vmin)
-    levels = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
-    heat_bgr = cv2.applyColorMap(levels, cv2.COLORMAP_JET)
-    image_bgr = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR)
-    blended = cv2.addWeighted(image_bgr, 1.0 - alpha, heat_bgr, alpha, 0.0)
-    return cv2.cvtColor(blended, cv2.COLOR_BGR2RGB)
 
 
 def write_overlay_png(

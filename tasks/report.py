@@ -23,10 +23,6 @@ from prefect.cache_policies import NO_CACHE
 from tasks.retry import TASK_RETRY_OPTIONS, with_storage_retries
 from tasks.storage import StorageConfig, atomic_write_bytes, filesystem, list_files
 
-VERDICT_ANOMALOUS = "anomalous"
-VERDICT_NORMAL = "normal"
-VERDICT_ERROR = "error"
-VERDICT_NO_THRESHOLD = "no_threshold"
 _TS = pa.timestamp("us", tz="UTC")
 
 REPORT_SCHEMA = pa.schema(
@@ -112,16 +108,6 @@ class ReportRow:
 
 
 assert [f.name for f in fields(ReportRow)] == REPORT_SCHEMA.names, "ReportRow != REPORT_SCHEMA"
-
-
-def verdict_of(score: float | None, threshold: float | None) -> tuple[str, bool | None]:
-    """(verdict, is_anomalous): anomalous when score > threshold."""
-    if score is None:
-        return VERDICT_ERROR, None
-    if threshold is None:
-        return VERDICT_NO_THRESHOLD, None
-    flagged = bool(score > threshold)
-    return (VERDICT_ANOMALOUS if flagged else VERDICT_NORMAL), flagged
 
 
 def to_table(rows: Sequence[ReportRow], metadata: dict[str, Any] | None = None) -> pa.Table:

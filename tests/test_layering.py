@@ -1,6 +1,13 @@
-"""Layering: ``anomalydino_core`` is arrays in, arrays out. None of its modules imports the I/O,
-orchestration or service layers (Prefect, fsspec/s3fs, Zarr, pyarrow, network clients, or
-anything from tasks/, flows/, infra/), and none reads the environment."""
+"""Layering (docs/architecture.md): imports go down only.
+
+- ``anomalydino_core`` is arrays in, arrays out: none of its modules imports the I/O,
+  orchestration or service layers (Prefect, fsspec/s3fs, Zarr, pyarrow, network clients, or
+  anything from tasks/, flows/, infra/), and none reads the environment;
+- ``tasks`` import no ``flows``;
+- no flow imports another flow: the modules of flows/ that hold a ``@flow`` are siblings, and
+  the run plumbing they share lives in non-flow modules (flows/run.py, flows/banks.py...);
+- no module of the project is over 400 lines.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CORE = REPO / "anomalydino_core"
+TASKS = REPO / "tasks"
+FLOWS = REPO / "flows"
+MAX_LINES = 400
 
 FORBIDDEN_IN_CORE = {
     "prefect", "fsspec", "s3fs", "zarr", "pyarrow",  # I/O and orchestration
@@ -75,6 +85,49 @@ def test_core_module_reads_no_environment(path: Path) -> None:
     tree = ast.parse(path.read_text(), filename=str(path))
     bad = [f"{path.relative_to(REPO)}:{line}: {what}" for line, what in _env_access(tree)]
     assert not bad, "\n".join(bad)
+
+
+def _imported_anywhere(tree: ast.AST) -> set[str]:
+    """Absolute names imported at any depth (also inside functions: a lazy import is still one)."""
+    return {name for _, name in _imported(tree)}
+
+
+def _flow_modules() -> set[str]:
+    """``flows.<name>`` of every module that defines a Prefect flow."""
+    found = set()
+    for path in sorted(FLOWS.glob("*.py")):
+        if "@flow" in path.read_text():
+            found.add(f"flows.{path.stem}")
+    assert found, f"no flow modules under {FLOWS}"
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(TASKS.rglob("*.py")), ids=lambda p: p.name)
+def test_tasks_import_no_flows(path: Path) -> None:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    bad = sorted(n for n in _imported_anywhere(tree) if n.split(".")[0] in {"flows", "infra"})
+    assert not bad, f"{path.relative_to(REPO)} imports {bad}"
+
+
+@pytest.mark.parametrize("path", sorted(FLOWS.glob("*.py")), ids=lambda p: p.name)
+def test_no_flow_module_imports_another(path: Path) -> None:
+    flows = _flow_modules()
+    me = f"flows.{path.stem}"
+    if me not in flows:
+        return  # plumbing and the CLI may import flows (they run them)
+    tree = ast.parse(path.read_text(), filename=str(path))
+    bad = sorted(n for n in _imported_anywhere(tree) if n in flows and n != me)
+    assert not bad, f"{path.relative_to(REPO)} (a flow module) imports flow modules {bad}"
+
+
+def test_no_module_over_400_lines() -> None:
+    long = [
+        f"{p.relative_to(REPO)}: {n} lines"
+        for folder in ("anomalydino_core", "tasks", "flows", "infra", "bench")
+        for p in sorted((REPO / folder).rglob("*.py"))
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    ]
+    assert not long, "split by job:\n" + "\n".join(long)
 
 
 def test_the_checks_catch_what_they_forbid() -> None:

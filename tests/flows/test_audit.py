@@ -21,7 +21,7 @@ from flows.runtime import with_runner
 from tasks.embed import SourceImage, embed_images
 from tasks.embedding_store import EmbeddingStore
 from tasks.report import REPORT_SCHEMA
-from tests.flows.pipeline_data import (
+from tests.pipeline_data import (
     REFERENCES,
     fast_config,
     lot_files,
@@ -116,7 +116,7 @@ def test_second_run_reuses_every_embedding_with_identical_scores(audited) -> Non
 def test_second_run_copies_identical_overlays_and_renders_changed_ones(
     audited, monkeypatch
 ) -> None:
-    import tasks.score
+    import tasks.overlays
     from tasks.map_archive import MapArchive
 
     cfg, first, second = audited
@@ -134,13 +134,13 @@ def test_second_run_copies_identical_overlays_and_renders_changed_ones(
     archive = MapArchive.open(second.maps_uri, None, create=False)
     archive.put(changed, archive.get(changed).astype(np.float32) * 0.5)
     rendered = []
-    real = tasks.score._write_overlay_or_skip
+    real = tasks.overlays._write_overlay_or_skip
 
     def counting(ctx, image_id, *args, **kwargs):
         rendered.append(image_id)
         return real(ctx, image_id, *args, **kwargs)
 
-    monkeypatch.setattr(tasks.score, "_write_overlay_or_skip", counting)
+    monkeypatch.setattr(tasks.overlays, "_write_overlay_or_skip", counting)
     third = audit_lot("bottle", "lot-1", cfg)
     assert rendered == [changed]
     assert third.n_flagged == len(flagged)

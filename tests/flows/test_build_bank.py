@@ -11,7 +11,7 @@ from flows.build_bank import build_bank
 from flows.config import PipelineConfig
 from flows.show_bank import bank_text
 from tasks.embedding_store import EmbeddingStore
-from tests.flows.pipeline_data import REFERENCES, fast_config, reference_files, write_local
+from tests.pipeline_data import REFERENCES, fast_config, reference_files, write_local
 
 pytestmark = pytest.mark.slow
 

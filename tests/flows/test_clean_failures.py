@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from flows.cli import main
-from tests.flows.pipeline_data import reference_files, write_local
+from tests.pipeline_data import reference_files, write_local
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,7 +18,7 @@ import pytest
 import zarr
 
 from flows.cli import main
-from tests.flows.pipeline_data import reference_files, write_local
+from tests.pipeline_data import reference_files, write_local
 
 pytestmark = pytest.mark.slow
 

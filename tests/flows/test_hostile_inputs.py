@@ -23,7 +23,7 @@ from flows.config import PipelineConfig, StorageSettings
 from tasks.listing import list_image_files
 from tasks.storage import StorageConfig, list_files, scan_files
 from tests.core.images_data import jpeg_with_header, png_with_header, zeros_png
-from tests.flows.pipeline_data import fast_config, reference_files, write_local
+from tests.pipeline_data import fast_config, reference_files, write_local
 
 SECRET = b"\x89PNG\r\n\x1a\n not a real image: a secret outside the lot"
 

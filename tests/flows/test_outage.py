@@ -16,7 +16,7 @@ import pytest
 
 from infra.seaweedfs import start_seaweedfs
 from tasks import storage as st
-from tests.flows.pipeline_data import reference_files
+from tests.pipeline_data import reference_files
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

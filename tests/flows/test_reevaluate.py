@@ -15,7 +15,7 @@ from flows.reevaluate import reevaluate_updates
 from flows.screen import screen_shipment
 from tasks.embedding_store import EmbeddingStore, image_key
 from tasks.report import list_reports
-from tests.flows.pipeline_data import fast_config, lot_files, reference_files, write_local
+from tests.pipeline_data import fast_config, lot_files, reference_files, write_local
 
 pytestmark = pytest.mark.slow
 

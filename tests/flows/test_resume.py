@@ -17,7 +17,7 @@ from flows.audit import audit_lot
 from flows.config import PipelineConfig
 from tasks.embedding_store import EmbeddingStore
 from tasks.report import list_reports
-from tests.flows.pipeline_data import reference_files, write_local
+from tests.pipeline_data import reference_files, write_local
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ import zarr
 from flows.audit import audit_lot
 from flows.config import PipelineConfig
 from tasks import storage as st
-from tests.flows.pipeline_data import fast_config, lot_files, reference_files
+from tests.pipeline_data import fast_config, lot_files, reference_files
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from anomalydino_core.config import ModelSettings
 from tasks.embed import SourceImage, embed_sources
 from tasks.embedding_store import EmbeddingStore
 from tasks.models import embedder
-from tests.flows.pipeline_data import lot_files, write_local
+from tests.pipeline_data import lot_files, write_local
 
 
 def test_rerun_reuses_without_loading_the_model(tmp_path: Path, mvtec_root: Path) -> None:
