@@ -93,15 +93,50 @@ class DinoV2PatchEncoder(torch.nn.Module):
         return vit.pos_drop(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, _, height, width = x.shape
-        if height % self.patch_size or width % self.patch_size:
-            raise ValueError(f"input {height}x{width} is not a multiple of {self.patch_size}")
+        self._check_size(x)
         if self._bf16_blocks is not None and _cpu_bf16_autocast(x):
             vit = self.vit
             tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
             tokens = vit.norm(self._bf16_blocks(tokens))
         else:
             tokens = self.vit.forward_features(x)
+        return self._patch_grid(tokens, x)
+
+    #: FoundAD reads the tokens after the third-to-last block (``n_layer=3`` of the paper).
+    foundad_blocks_from_end = 3
+
+    @property
+    def foundad_dim(self) -> int:
+        return int(self.vit.embed_dim)
+
+    def forward_with_foundad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass, two outputs: ``(forward(x), foundad)``, both (B, H/14, W/14, C).
+
+        ``foundad``: patch tokens after block ``depth - 3`` with the final LayerNorm applied (what
+        the FoundAD authors take, ``get_intermediate_layers(n=3)[0]`` with ``norm=True``), not
+        L2-normalised. The first output is bit-identical to ``forward(x)``.
+        """
+        self._check_size(x)
+        vit = self.vit
+        tap = len(vit.blocks) - self.foundad_blocks_from_end
+        tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        if self._bf16_blocks is not None and _cpu_bf16_autocast(x):
+            tokens, (middle,) = self._bf16_blocks.with_taps(tokens, (tap,))
+        else:
+            for i, block in enumerate(vit.blocks):
+                tokens = block(tokens)
+                if i == tap:
+                    middle = tokens
+        return self._patch_grid(vit.norm(tokens), x), self._patch_grid(vit.norm(middle), x)
+
+    def _check_size(self, x: torch.Tensor) -> None:
+        height, width = x.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"input {height}x{width} is not a multiple of {self.patch_size}")
+
+    def _patch_grid(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(B, prefix + N, C) tokens -> (B, H/14, W/14, C) patch tokens of input ``x``."""
+        batch, _, height, width = x.shape
         patches = tokens[:, self.vit.num_prefix_tokens :]
         return patches.reshape(batch, height // self.patch_size, width // self.patch_size, -1)
 

@@ -50,6 +50,30 @@ class EfficientNetPatchEncoder(torch.nn.Module):
         self.net.load_state_dict({k: mapped[k] for k in own}, strict=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._knn_features(*self._stages(x))
+
+    #: Width of the FoundAD tokens (``blocks[4]``, see ``forward_with_foundad``).
+    foundad_dim = 112
+
+    def forward_with_foundad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass, two outputs: ``(forward(x), foundad)``, (B, H/16, W/16, 152 | 112).
+
+        ``foundad`` is the raw output of ``blocks[4]`` (112 channels, stride 16) in fp32: no
+        3x3 aggregation, no L2 normalisation. Why this stage: it is the network's third-to-last
+        stage (of 7), the counterpart of the third-to-last ViT block the FoundAD authors read;
+        it is the deepest stride-16 stage, so its grid is the kNN's patch grid one to one (maps
+        and scores of both methods align); and the kNN pass computes it anyway (its forward stops
+        after ``blocks[4]``), so FoundAD costs no extra backbone time. The stride-8 stage would
+        need pooling to that grid and has 40 channels only; the stride-32 stages (``blocks[5:]``)
+        would cost extra passes and halve the map resolution.
+        The first output is bit-identical to ``forward(x)``.
+        """
+        s8, s16 = self._stages(x)
+        foundad = s16.float().permute(0, 2, 3, 1)
+        return self._knn_features(s8, s16), foundad
+
+    def _stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> stride-8 (B, 40, H/8, W/8) and stride-16 (B, 112, H/16, W/16) maps."""
         net = self.net
         # The stem and the first two stages stay in fp32 even under bf16 autocast: they see the
         # raw pixels, and bf16 there costs more accuracy (cos 0.991 vs fp32) than it saves time.
@@ -58,6 +82,10 @@ class EfficientNetPatchEncoder(torch.nn.Module):
             y = net.blocks[1](net.blocks[0](y))
         s8 = net.blocks[2](y)
         s16 = net.blocks[4](net.blocks[3](s8))
+        return s8, s16
+
+    @staticmethod
+    def _knn_features(s8: torch.Tensor, s16: torch.Tensor) -> torch.Tensor:
         s8 = F.avg_pool2d(s8.float(), 3, stride=1, padding=1, count_include_pad=False)
         s16 = F.avg_pool2d(s16.float(), 3, stride=1, padding=1, count_include_pad=False)
         s8 = F.normalize(F.avg_pool2d(s8, 2), dim=1)

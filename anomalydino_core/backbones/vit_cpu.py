@@ -115,15 +115,25 @@ class Bf16CpuBlocks:
     def _params_key(self) -> tuple:
         return tuple((p.data_ptr(), p._version, p.device) for p in self.vit.blocks.parameters())
 
-    @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) tokens (any float dtype) -> (B, N, C) fp32 tokens after the last block."""
+        return self.with_taps(x, ())[0]
+
+    @torch.inference_mode()
+    def with_taps(
+        self, x: torch.Tensor, taps: tuple[int, ...]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """As ``__call__``, plus a copy of the (B, N, C) fp32 tokens after each block in ``taps``
+        (0-based block indices), in the order given."""
         key = self._params_key()
         if key != self._key:
             self._blocks = [_Bf16Block(block) for block in self.vit.blocks]
             self._key = key
+        tapped: dict[int, torch.Tensor] = {}
         with torch.autocast("cpu", enabled=False):
             x = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-            for block in self._blocks:
+            for i, block in enumerate(self._blocks):
                 x = block(x)
-        return x
+                if i in taps:
+                    tapped[i] = x.clone()  # the blocks update x in place
+        return x, [tapped[i] for i in taps]
