@@ -1,0 +1,280 @@
+"""A static HTML page per run, for the inspector: ``reports/<product>/<lot>/<run_id>.html`` next
+to the Parquet report, with its images in ``<run_id>_files/``.
+
+The page (``templates/lot_report.html.j2``) shows the run's summary, the lot's score
+distribution against the threshold (inline SVG), one card per flagged image (a thumbnail, its
+overlay on the lot's one colour scale with the colour bar of that scale, its score and the most
+anomalous location), every image in a table sorted by score (sortable and filterable with a
+small inline script, readable without it), the errors, and for a re-evaluation the verdicts that
+changed. Links are relative and stay inside the run's files: the folder works as it is, on a
+local disk or copied down from object storage. No network, no server.
+
+Images are written first and the HTML last (atomically), so a page that exists is complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import re
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import cv2
+import numpy as np
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+from anomalydino_core.images import DECODE_MAX_PIXELS, decode_image
+from tasks.lot_report_data import (
+    Previous,
+    fmt_score,
+    histogram,
+    previous_run,
+    reference_images,
+    report_rows,
+    summary_facts,
+)
+from tasks.report import read_report, report_metadata
+from tasks.storage import StorageConfig, atomic_write_bytes, read_bytes
+
+try:  # moving to anomalydino_core.overlays (the one colour scale of a lot's overlays)
+    from anomalydino_core.overlays import overlay_scale
+except ImportError:  # pragma: no cover - before that move
+    from tasks.score import overlay_scale
+
+TEMPLATES = Path(__file__).parent / "templates"
+THUMB_EDGE = 360  # longest edge of the written thumbnails, in pixels
+REF_EDGE = 160
+MAX_CARDS = 200  # flagged images with a card; the table lists every image
+MAX_REFERENCES = 24
+JPEG_QUALITY = 85
+
+
+def html_uri_of(report_uri: str) -> str:
+    """``.../<run_id>.parquet`` -> ``.../<run_id>.html``."""
+    return re.sub(r"\.parquet$", "", report_uri) + ".html"
+
+
+def files_uri_of(report_uri: str) -> str:
+    """The folder of the page's images: ``.../<run_id>_files``."""
+    return re.sub(r"\.parquet$", "", report_uri) + "_files"
+
+
+def _file_key(image_id: str) -> str:
+    """A safe, unique, readable file name stem for an image id."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._")[-60:] or "image"
+    return f"{slug}-{hashlib.sha256(image_id.encode()).hexdigest()[:10]}"
+
+
+def _fit(rgb: np.ndarray, edge: int) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    scale = min(1.0, edge / max(h, w))
+    if scale >= 1.0:
+        return rgb
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
+    )
+    if not ok:
+        raise OSError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def jet_colours(n: int = 9) -> list[str]:
+    """``n`` evenly spaced colours of the overlays' JET colour map, low to high, as #rrggbb."""
+    ramp = np.linspace(0, 255, n).round().astype(np.uint8)[:, None]
+    bgr = cv2.applyColorMap(ramp, cv2.COLORMAP_JET)[:, 0, :]
+    return [f"#{r:02x}{g:02x}{b:02x}" for b, g, r in bgr.tolist()]
+
+
+def _heat_only(amap: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
+    """The colour map of an anomaly map alone (when its overlay is missing)."""
+    vmin, vmax = scale
+    levels = np.clip(np.rint((np.nan_to_num(amap.astype(np.float32)) - vmin) / (vmax - vmin)
+                             * 255.0), 0, 255).astype(np.uint8)  # fmt: skip
+    return cv2.cvtColor(cv2.applyColorMap(levels, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+
+
+@dataclass(frozen=True)
+class Picture:
+    """An image written for the page: its link (relative to the page) and size; ``note`` says
+    why there is none, or what it shows instead."""
+
+    src: str | None
+    width: int = 0
+    height: int = 0
+    note: str | None = None
+
+
+class _Writer:
+    """Writes the page's images under ``<run_id>_files/``, in a small thread pool."""
+
+    def __init__(self, files_uri: str, storage: StorageConfig | None, meta: dict[str, Any]):
+        self.files_uri = files_uri.rstrip("/")
+        self.link_base = quote(self.files_uri.rsplit("/", 1)[-1])
+        self.storage = storage
+        self.max_pixels = (meta.get("model") or {}).get("decode_max_pixels", DECODE_MAX_PIXELS)
+        self.maps_uri = meta.get("maps_uri")
+        self._archive: Any = None
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix="lot-report")
+
+    def _put(self, rel: str, rgb: np.ndarray, note: str | None = None) -> Picture:
+        atomic_write_bytes(f"{self.files_uri}/{rel}", _jpeg(rgb), self.storage)
+        link = f"{self.link_base}/{quote(rel)}"
+        return Picture(link, int(rgb.shape[1]), int(rgb.shape[0]), note)
+
+    def _thumb(self, rel: str, uri: str | None, edge: int, name: str) -> Picture:
+        if not uri:
+            return Picture(None, note="none was written by the run")
+        try:
+            rgb = decode_image(read_bytes(uri, self.storage), name, max_pixels=self.max_pixels)
+            return self._put(rel, _fit(rgb, edge))
+        except Exception as exc:  # a missing image costs its picture, not the page
+            return Picture(None, note=str(exc).replace(uri, name))
+
+    def _heat(self, rel: str, image_id: str, scale, edge: int, why: str | None) -> Picture:
+        """The anomaly map alone, on the lot's scale, when the overlay cannot be had."""
+        try:
+            if self._archive is None:
+                from tasks.map_archive import MapArchive
+
+                self._archive = MapArchive.open(
+                    self.maps_uri, None, self.storage, create=False, read_only=True
+                )
+            amap = self._archive.get(image_id)
+            return self._put(rel, _fit(_heat_only(amap, scale), edge), "anomaly map only")
+        except Exception as exc:
+            return Picture(None, note=f"overlay: {why}; anomaly map: {exc}")
+
+    def card(self, row: dict[str, Any], edge: int, scale) -> Future:
+        """(image, overlay) pictures of a flagged row."""
+
+        def job() -> tuple[Picture, Picture]:
+            iid = row["image_id"]
+            key = _file_key(iid)
+            image = self._thumb(f"images/{key}.jpg", row["image_uri"], edge, iid)
+            overlay_uri = row.get("overlay_uri")
+            overlay = self._thumb(f"overlays/{key}.jpg", overlay_uri, edge, f"overlay of {iid}")
+            if overlay.src is None:
+                overlay = self._heat(f"overlays/{key}.jpg", iid, scale, edge, overlay.note)
+            return image, overlay
+
+        return self.pool.submit(job)
+
+    def reference(self, ref: dict[str, str]) -> Future:
+        rel = f"references/{_file_key(ref['image_id'])}.jpg"
+        return self.pool.submit(self._thumb, rel, ref["uri"], REF_EDGE, ref["image_id"])
+
+
+@functools.cache
+def _environment() -> Environment:
+    """The templates' environment, compiled once per process."""
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=select_autoescape(["html", "j2", "svg"], default=True),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["score"] = fmt_score
+    env.filters["file_key"] = _file_key
+    env.filters["pct"] = lambda v: "" if v is None else f"{100 * v:.0f}%"
+    return env
+
+
+def render_page(context: dict[str, Any]) -> str:
+    """The page's HTML from its context (see ``write_lot_report``)."""
+    return _environment().get_template("lot_report.html.j2").render(**context)
+
+
+def _card(row: dict[str, Any], threshold: float | None, pictures) -> dict[str, Any]:
+    image, overlay = pictures
+    h, w = row.get("image_height"), row.get("image_width")
+    y, x = row.get("max_patch_y"), row.get("max_patch_x")
+    peak = None
+    if None not in (h, w, y, x) and h and w:
+        peak = {"x": x, "y": y, "left": 100 * x / w, "top": 100 * y / h}
+    ratio = row["score"] / threshold if threshold and row["score"] is not None else None
+    return {"row": row, "image": image, "overlay": overlay, "peak": peak, "ratio": ratio}
+
+
+def _old_threshold(previous: Previous | None, meta: dict, threshold: float | None):
+    old = previous.threshold if previous is not None else meta.get("previous_threshold")
+    if old is None or (threshold is not None and math.isclose(old, threshold)):
+        return None  # the same line twice says nothing
+    return old
+
+
+def _missing_metadata(meta: dict[str, Any]) -> list[str]:
+    """Metadata keys the page would use and this report does not have (shown in the footer)."""
+    wanted = ["threshold_reason", "timings", "overlay_scale"]
+    if meta.get("method") == "few_shot":
+        wanted.append("references")
+    return [k for k in wanted if k not in meta]
+
+
+def write_lot_report(
+    report_uri: str,
+    storage: StorageConfig | None = None,
+    *,
+    thumb_edge: int = THUMB_EDGE,
+    max_cards: int = MAX_CARDS,
+    max_references: int = MAX_REFERENCES,
+) -> str:
+    """Write the HTML page of the run whose Parquet report is ``report_uri`` (local path or
+    ``s3://``), with its images in ``<run_id>_files/``; return the page's URI, ``<run_id>.html``
+    beside the report. Images that cannot be read are named on the page, never fatal."""
+    t0 = time.perf_counter()
+    meta = report_metadata(report_uri, storage)
+    rows = report_rows(read_report(report_uri, storage))
+    facts = summary_facts(meta, rows)
+    threshold = facts["threshold"]
+    previous = None
+    if meta.get("reevaluates"):
+        previous = previous_run(str(meta["reevaluates"]), rows, storage)
+    scale = tuple(meta.get("overlay_scale") or overlay_scale(threshold, 0.0))
+    flagged = [r for r in rows if r["verdict"] == "anomalous"]
+    refs = reference_images(meta, storage)
+    writer = _Writer(files_uri_of(report_uri), storage, meta)
+    try:
+        card_jobs = [(r, writer.card(r, thumb_edge, scale)) for r in flagged[:max_cards]]
+        ref_jobs = [(ref, writer.reference(ref)) for ref in refs[:max_references]]
+        cards = [_card(r, threshold, job.result()) for r, job in card_jobs]
+        references = [{"image_id": ref["image_id"], "picture": j.result()} for ref, j in ref_jobs]
+    finally:
+        writer.pool.shutdown(wait=True)
+    for r in rows:
+        r["anchor"] = "img-" + _file_key(r["image_id"])
+    scale_ctx = {"vmin": scale[0], "vmax": scale[1], "threshold": threshold}
+    context = {
+        "facts": facts,
+        "rows": rows,
+        "cards": cards,
+        "n_uncarded": len(flagged) - len(cards),
+        "carded": {c["row"]["image_id"] for c in cards},
+        "errors": [r for r in rows if r["verdict"] == "error" or r.get("error")],
+        "hist": histogram(
+            [r["score"] for r in rows], threshold, _old_threshold(previous, meta, threshold)
+        ),  # fmt: skip
+        "scale": {**scale_ctx, "colours": jet_colours()},
+        "references": references,
+        "n_references": len(refs),
+        "previous": previous,
+        "meta_missing": _missing_metadata(meta),
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "report_name": report_uri.rsplit("/", 1)[-1],
+    }
+    html_uri = html_uri_of(report_uri)
+    atomic_write_bytes(html_uri, render_page(context).encode("utf-8"), storage)
+    return html_uri
