@@ -31,6 +31,7 @@ import numpy as np
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from anomalydino_core.images import DECODE_MAX_PIXELS, decode_image
+from anomalydino_core.overlays import overlay_scale
 from tasks.lot_report_data import (
     Previous,
     fmt_score,
@@ -42,11 +43,6 @@ from tasks.lot_report_data import (
 )
 from tasks.report import read_report, report_metadata
 from tasks.storage import StorageConfig, atomic_write_bytes, read_bytes
-
-try:  # moving to anomalydino_core.overlays (the one colour scale of a lot's overlays)
-    from anomalydino_core.overlays import overlay_scale
-except ImportError:  # pragma: no cover - before that move
-    from tasks.score import overlay_scale
 
 TEMPLATES = Path(__file__).parent / "templates"
 THUMB_EDGE = 360  # longest edge of the written thumbnails, in pixels

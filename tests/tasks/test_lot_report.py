@@ -9,7 +9,6 @@ filter work; a screenshot goes to ``test-artifacts/`` (``ANOMALYDINO_TEST_ARTIFA
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -30,13 +29,7 @@ from tasks.lot_report import files_uri_of, write_lot_report
 from tasks.lot_report_data import histogram
 from tasks.report import table_bytes, to_table
 from tasks.storage import filesystem, join
-
-try:  # the shared test data moved from tests/flows/ to tests/
-    from tests.pipeline_data import fast_config, lot_files, reference_files, write_local
-except ImportError:  # pragma: no cover
-    from tests.flows.pipeline_data import fast_config, lot_files, reference_files, write_local
-with contextlib.suppress(ImportError):  # before the fixtures moved to tests/conftest.py
-    from tests.flows.conftest import bucket, prefect_harness, s3  # noqa: F401
+from tests.pipeline_data import fast_config, lot_files, reference_files, write_local
 
 pytestmark = pytest.mark.slow
 
