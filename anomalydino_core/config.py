@@ -1,12 +1,27 @@
-"""The one validated configuration model, shared by the CLI, the flows and the deployments."""
+"""The model and scoring settings: one validated definition of each setting and its choices.
+
+``flows/config.py`` composes these with storage, threshold and runtime settings into the
+pipeline's ``PipelineConfig``; the command-line flags and docs/settings.md are generated from
+the same fields (``flows/settings_cli.py``). The choice lists are the core's own types
+(``anomalydino_core/choices.py``), so a new choice is added in one place.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .choices import (
+    ImageScoreMethod,
+    IndexKind,
+    MaskingMode,
+    Precision,
+    Preprocess,
+    Rotation,
+    Statistic,
+)
 from .images import DECODE_MAX_PIXELS
+
+__all__ = ["ModelSettings", "Preprocess", "Rotation", "ScoringSettings"]
 
 
 class _Frozen(BaseModel):
@@ -17,20 +32,34 @@ class _Frozen(BaseModel):
 class ModelSettings(_Frozen):
     """Which backbone embeds the images, and how."""
 
-    backbone: str = "auto"
-    weights: str | None = Field(
-        default=None, description="local path or URI of the weights (default: cache, then hub)"
+    backbone: str = Field(
+        default="auto",
+        description="auto (DINOv2 ViT-S/14, else EfficientNet-Lite0 when its weights are "
+        "unavailable) or a registered backbone: dinov2_vits14, dinov2_vitb14, "
+        "efficientnet_lite0...",
     )
-    resolution: int = Field(default=448, gt=0, description="smaller image edge after resizing")
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    device: str = "auto"
-    batch_size: int = Field(default=8, ge=1)
+    weights: str | None = Field(
+        default=None, description="local path or URI of the weights (none: the cache, then the hub)"
+    )
+    resolution: int = Field(
+        default=448,
+        gt=0,
+        description="smaller image edge in pixels after resizing (a multiple of the patch size)",
+    )
+    precision: Precision = Field(
+        default="auto",
+        description="auto: bf16 for DINOv2 where the CPU has AMX/AVX512-BF16 or on CUDA; fp32 for "
+        "EfficientNet-Lite0 (no faster in bf16 on CPU)",
+    )
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda:0...")
+    batch_size: int = Field(default=8, ge=1, description="images per forward pass")
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
     decode_max_pixels: int = Field(
         default=DECODE_MAX_PIXELS,
         ge=1,
-        description="images whose header claims more pixels are error rows, never decoded "
-        "(default 8192 x 8192: sized for 24 GB, see anomalydino_core.images.DECODE_MAX_PIXELS)",
+        description="an image whose header claims more pixels is an error row, never decoded "
+        "(8192 x 8192, sized for 24 GB: a pipeline image peaks at ~31 B/px, a task keeps 4 in "
+        "flight and its 16 decoded images: 67 M px x 160 B = 10.7 GB worst case)",
     )
 
     @field_validator("weights")
@@ -56,18 +85,37 @@ class ModelSettings(_Frozen):
 class ScoringSettings(_Frozen):
     """How patches are compared and aggregated (METHOD.md sections 2-4)."""
 
-    masking: Literal["auto", "on", "off"] = "auto"
-    rotation: Literal["agnostic", "informed"] = Field(
+    masking: MaskingMode = Field(
+        default="auto",
+        description="auto: the masking test decides per product (the first 4 references in 8 "
+        "rotations; on only if every view shows one object on a plain background, so textures "
+        "stay unmasked); on / off force it; `anomalydino show-bank` prints the evidence",
+    )
+    rotation: Rotation = Field(
         default="agnostic",
         description="agnostic: 8 rotations of each reference; informed: references as they are",
     )
-    mask_references: bool = False
-    image_score: Literal["top1p_mean", "max", "max_map"] = "top1p_mean"
-    sigma: float = Field(default=4.0, ge=0)
-    index: Literal["exact", "exact_bf16", "hnsw", "ivf"] = "exact"
-    zero_shot_statistic: Literal["code_mean", "quantile"] = "code_mean"
-    zero_shot_alpha: float = Field(default=0.001, gt=0, lt=1)
-    memory_budget_gb: float = Field(default=2.0, gt=0)
-
-
-Preprocess = Literal["agnostic", "informed", "masking_only", "none"]
+    mask_references: bool = Field(
+        default=False, description="also drop the references' background patches from the bank"
+    )
+    image_score: ImageScoreMethod = Field(
+        default="top1p_mean",
+        description="top1p_mean: mean of the top 1% patch distances (max below 100 patches); "
+        "max; max_map (max of the smoothed map)",
+    )
+    sigma: float = Field(default=4.0, ge=0, description="Gaussian blur of the anomaly map, px")
+    index: IndexKind = Field(
+        default="exact",
+        description="exact cosine search (faiss on CPU; faiss-gpu or torch fp32 on CUDA); "
+        "exact_bf16: bf16 screening + fp32 re-rank (distances within 2e-3); hnsw / ivf: "
+        "approximate, for banks of millions of patches",
+    )
+    zero_shot_statistic: Statistic = Field(
+        default="code_mean", description="screening: statistic of the mutual distances"
+    )
+    zero_shot_alpha: float = Field(
+        default=0.001, gt=0, lt=1, description="screening: tail fraction of the mutual distances"
+    )
+    memory_budget_gb: float = Field(
+        default=2.0, gt=0, description="screening: memory for the mutual top-k search"
+    )

@@ -5,16 +5,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .backbones import LoadedBackbone, PreprocessConfig
+from .choices import ComputePrecision, Precision
 from .cpu import cpu_has_fast_bf16
-
-Precision = Literal["auto", "fp32", "bf16"]
 
 
 def select_device(device: str = "auto") -> torch.device:
@@ -26,7 +24,7 @@ def select_device(device: str = "auto") -> torch.device:
 
 def resolve_precision(
     precision: Precision, device: torch.device, *, prefer_bf16: bool = True
-) -> Literal["fp32", "bf16"]:
+) -> ComputePrecision:
     """``auto``: bf16 where the hardware runs it natively (AMX / AVX512-BF16, or CUDA) and the
     backbone profits from it (``prefer_bf16``), else fp32."""
     if precision != "auto":

@@ -18,14 +18,16 @@ thin margins and flipped under rotations and crops.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
 import cv2
 import numpy as np
 import scipy.linalg
 from scipy import ndimage
+
+from .choices import MaskingMode
 
 _SQUARE = np.ones((3, 3), dtype=bool)
 
@@ -37,8 +39,8 @@ TESTED_REFERENCES = 4
 #: Images a zero-shot screening tests (no references there; the images are not rotated).
 TESTED_SCREENING_IMAGES = 8
 
-MaskingMode = Literal["auto", "on", "off"]
-MASKING_MODES: tuple[str, ...] = ("auto", "on", "off")
+
+MASKING_MODES: tuple[str, ...] = typing.get_args(MaskingMode)
 
 
 def first_principal_component(features: np.ndarray) -> np.ndarray:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import typing
 from dataclasses import dataclass
-from typing import Literal
 
 import faiss
 import numpy as np
 import torch
 
-IndexKind = Literal["exact", "exact_bf16", "hnsw", "ivf"]
+from .choices import IndexKind
+
+INDEX_KINDS: tuple[str, ...] = typing.get_args(IndexKind)
 INDEX_FORMAT = "anomalydino.patch_index/1"
 _BYTES_MAGIC = b"ADPATCHIDX1\n"
 
@@ -93,8 +95,8 @@ class PatchIndex:
         ivf_lists: int | None = None,
         nprobe: int = 16,
     ) -> None:
-        if kind not in ("exact", "exact_bf16", "hnsw", "ivf"):
-            raise ValueError(f"unknown index kind {kind!r}; choose exact, exact_bf16, hnsw or ivf")
+        if kind not in INDEX_KINDS:
+            raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
         self.kind = kind
         self.want_gpu = use_gpu
         self.use_gpu = False  # whether the search runs on a GPU (set by fit / load)

@@ -44,11 +44,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from anomalydino_core.choices import ComputePrecision as Precision
+from anomalydino_core.choices import Statistic
 from anomalydino_core.mutual_topk_kernels import (
     ALIGN,
     CAP_FACTOR,
@@ -57,9 +59,6 @@ from anomalydino_core.mutual_topk_kernels import (
     key_dtype,
     update,
 )
-
-Statistic = Literal["code_mean", "quantile"]
-Precision = Literal["fp32", "bf16"]
 
 #: Largest tile of the (query x bank) product, in elements (32 MiB in bf16).
 MAX_TILE_ELEMENTS = 2**24

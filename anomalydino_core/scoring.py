@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import typing
 
 import cv2
 import numpy as np
 
-ImageScoreMethod = Literal["top1p_mean", "max", "max_map"]
-IMAGE_SCORE_METHODS: tuple[str, ...] = ("top1p_mean", "max", "max_map")
+from .choices import ImageScoreMethod
+
+IMAGE_SCORE_METHODS: tuple[str, ...] = typing.get_args(ImageScoreMethod)
 
 #: Gaussian sigma (pixels at the original resolution) applied to anomaly maps.
 MAP_SIGMA = 4.0

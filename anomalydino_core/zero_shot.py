@@ -24,6 +24,7 @@ see ``mutual_topk``).
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -65,11 +66,11 @@ class MutualScoringConfig:
     bank_block_rows: int | None = None
 
     def __post_init__(self) -> None:
-        if self.statistic not in ("code_mean", "quantile"):
+        if self.statistic not in typing.get_args(Statistic):
             raise ValueError(f"unknown statistic {self.statistic!r}")
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
-        if self.precision not in ("fp32", "bf16"):
+        if self.precision not in typing.get_args(Precision):
             raise ValueError(f"unknown precision {self.precision!r}")
         if self.image_score not in IMAGE_SCORE_METHODS:
             raise ValueError(f"unknown image score {self.image_score!r}")

@@ -6,47 +6,17 @@ import argparse
 import os
 import sys
 import time
+import typing
 import warnings
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+from anomalydino_core.choices import Preprocess  # noqa: E402  (light: no torch)
+from flows.settings_cli import add_settings_flags, load_settings  # noqa: E402
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--backbone", default="auto", help="auto | dinov2_vits14 | ... | efficientnet_lite0"
-    )
-    g.add_argument("--weights", default=None, help="weights file or URI (s3://..., https://...)")
-    g.add_argument("--resolution", type=int, default=448, help="smaller edge in pixels (448)")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    g.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda:0")
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-
-
-def _add_scoring_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("scoring")
-    g.add_argument("--image-score", choices=["top1p_mean", "max", "max_map"], default="top1p_mean")
-    g.add_argument("--index", choices=["exact", "exact_bf16", "hnsw", "ivf"], default="exact")
-    g.add_argument("--zero-shot-statistic", choices=["code_mean", "quantile"], default="code_mean")
-    g.add_argument("--zero-shot-alpha", type=float, default=0.001)
-    g.add_argument("--memory-budget-gb", type=float, default=2.0)
-
-
-def _model_settings(args):
-    from anomalydino_core.config import ModelSettings
-
-    return ModelSettings(
-        backbone=args.backbone,
-        weights=args.weights,
-        resolution=args.resolution,
-        precision=args.precision,
-        device=args.device,
-        batch_size=args.batch_size,
-        threads=args.threads,
-    )
+EVALUATE_EXCLUDES = frozenset({"root", "incoming", "references", "scoring.rotation"})
 
 
 def _check_weights(model) -> None:
@@ -64,24 +34,19 @@ def _check_weights(model) -> None:
 
 def _evaluate(args) -> int:
     from anomalydino_core.backbones import WeightsUnavailableError
-    from anomalydino_core.config import ScoringSettings
     from anomalydino_core.evaluation import EvaluationRequest, parse_shots
+    from flows.settings_cli import load_settings
     from tasks.evaluation import write_outputs
 
+    settings = load_settings(args)
     request = EvaluationRequest(
         data=Path(args.data),
         category=args.category,
         shots=parse_shots(args.shots),
         seeds=tuple(int(s) for s in str(args.seeds).split(",") if s.strip()),
         preprocess=args.preprocess,
-        model=_model_settings(args),
-        scoring=ScoringSettings(
-            image_score=args.image_score,
-            index=args.index,
-            zero_shot_statistic=args.zero_shot_statistic,
-            zero_shot_alpha=args.zero_shot_alpha,
-            memory_budget_gb=args.memory_budget_gb,
-        ),
+        model=settings.model,
+        scoring=settings.scoring,
     )
     t0 = time.perf_counter()
     try:
@@ -108,12 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--shots", default="1,2,4,8,16", help="e.g. 1,2,4,8,16 | full | 0 (zero-shot)")
     ev.add_argument("--seeds", default="0,1,2")
     ev.add_argument(
-        "--preprocess", choices=["agnostic", "informed", "masking_only", "none"], default="agnostic"
+        "--preprocess",
+        choices=typing.get_args(Preprocess),
+        default="agnostic",
+        help="agnostic: rotations + masking test; informed: the paper's per-category choice",
     )
     ev.add_argument("--out", default="runs/evaluate")
-    _add_model_args(ev)
-    _add_scoring_args(ev)
-    ev.set_defaults(func=_evaluate, preflight=lambda a: _check_weights(_model_settings(a)))
+    # the model and scoring settings of the pipeline; rotation comes from --preprocess here
+    add_settings_flags(ev, ("model", "scoring"), exclude=EVALUATE_EXCLUDES)
+    ev.set_defaults(func=_evaluate, preflight=lambda a: _check_weights(load_settings(a).model))
 
     from flows.commands import add_subcommands
 

@@ -23,60 +23,19 @@ def _quiet() -> None:
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("pipeline configuration (overrides the config file)")
-    g.add_argument("--config", default=None, help="YAML/JSON config file (or $ANOMALYDINO_CONFIG)")
-    g.add_argument("--root", default=None, help="root URI of all outputs (local path or s3://)")
-    g.add_argument("--incoming", default=None, help="URI of the incoming lots (<root>/incoming)")
-    g.add_argument("--references", default=None, help="URI of the reference sets")
-    g.add_argument("--backbone", default=None, help="auto | dinov2_vits14 | efficientnet_lite0 ...")
-    g.add_argument("--weights", default=None, help="weights file or URI")
-    g.add_argument("--resolution", type=int, default=None, help="smaller image edge (448)")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None)
-    g.add_argument("--device", default=None, help="auto | cpu | cuda:0")
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--threads", type=int, default=None, help="torch/faiss threads per task")
-    g.add_argument("--chunk-size", type=int, default=None, help="images per task (16)")
-    g.add_argument("--concurrency", type=int, default=None, help="tasks at once, local runner")
-    r = g.add_mutually_exclusive_group()
-    r.add_argument("--dask-address", default=None, help="run tasks on tcp://scheduler:8786")
-    r.add_argument(
-        "--dask-workers", type=int, default=None, help="run tasks on a Dask LocalCluster"
-    )
-    g.add_argument("--json", action="store_true", help="print the result as JSON")
+    """``--config``, every pipeline setting as a flag (generated from the settings model) and
+    ``--json``."""
+    from flows.settings_cli import add_settings_flags
+
+    add_settings_flags(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def load_config(args: argparse.Namespace, extra: dict[str, Any] | None = None):
-    from flows.config import PipelineConfig, merge
+    """The run's ``PipelineConfig``: defaults < file < environment < flags < ``extra``."""
+    from flows.settings_cli import load_settings
 
-    overrides: dict[str, Any] = {}
-    for key in ("root", "incoming", "references"):
-        if getattr(args, key, None):
-            overrides[key] = getattr(args, key)
-    model = {
-        k: getattr(args, a)
-        for k, a in (
-            ("backbone", "backbone"),
-            ("weights", "weights"),
-            ("resolution", "resolution"),
-            ("precision", "precision"),
-            ("device", "device"),
-            ("batch_size", "batch_size"),
-            ("threads", "threads"),
-        )
-        if getattr(args, a, None) is not None
-    }
-    runtime = {
-        k: getattr(args, k)
-        for k in ("chunk_size", "concurrency", "dask_address", "dask_workers")
-        if getattr(args, k, None) is not None
-    }
-    if model:
-        overrides["model"] = model
-    if runtime:
-        overrides["runtime"] = runtime
-    if extra:
-        overrides = merge(overrides, extra)
-    return PipelineConfig.load(args.config, overrides)
+    return load_settings(args, extra)
 
 
 def _print_result(args: argparse.Namespace, result: Any) -> None:
@@ -99,6 +58,19 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the effective configuration (file < environment < flags) or the settings table."""
+    if args.table:
+        from flows.settings_cli import settings_table
+
+        print(settings_table(), end="")
+        return 0
+    import yaml
+
+    print(yaml.safe_dump(load_config(args).model_dump(mode="json"), sort_keys=False), end="")
+    return 0
 
 
 def cmd_build_bank(args: argparse.Namespace) -> int:
@@ -288,19 +260,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _quiet()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
-    local = Path(args.root if args.root and not args.s3 else REPO / ".data" / "demo").resolve()
+    given_root = getattr(args, "root", None)
+    local = Path(given_root if given_root and not args.s3 else REPO / ".data" / "demo").resolve()
     refs, lot_dir = setup_demo(
         local, Path(args.data).resolve(), args.category, args.shots, args.lot
     )
     root = str(local)
     if args.s3:
         s3_env_from_infra()
-        root = args.root or f"s3://{args.s3}/pipeline"
+        root = given_root or f"s3://{args.s3}/pipeline"
         upload_demo(local, root)
     from flows.audit import audit_lot
     from flows.runtime import with_runner
 
-    products = {args.category: {"rotation": args.rotation}}
+    # informed is the paper's choice for bottle (Table 8): no rotated reference views
+    products = {args.category: {"rotation": getattr(args, "scoring.rotation", "informed")}}
     # the demo's references are links into the MVTec folder: allow links to point there
     links = {"link_roots": [str(Path(args.data).resolve() / args.category)]}
     cfg = load_config(args, {"root": root, "products": products, "storage": links})
@@ -326,6 +300,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    co = sub.add_parser("config", help="print the effective configuration (or --table)")
+    co.add_argument("--table", action="store_true", help="every setting, flag and default")
+    add_config_args(co)
+    co.set_defaults(func=cmd_config)
+
     bb = sub.add_parser("build-bank", help="build a product's reference bank (a flow run)")
     bb.add_argument("--product", required=True)
     bb.add_argument("--version", default=None, help="reference version (default: the latest)")
@@ -365,17 +344,14 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     add_config_args(sb)
     sb.set_defaults(func=cmd_show_bank)
 
-    de = sub.add_parser("demo", help="the nightly audit end to end on MVTec bottle, local files")
+    de = sub.add_parser(
+        "demo",
+        help="the nightly audit end to end on MVTec bottle, local files (--rotation: informed)",
+    )
     de.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mvtec_ad"))
     de.add_argument("--category", default="bottle")
     de.add_argument("--lot", default="lot-0001")
     de.add_argument("--shots", type=int, default=4, help="reference images (first N of train)")
-    de.add_argument(
-        "--rotation",
-        choices=["agnostic", "informed"],
-        default="informed",
-        help="informed (default for bottle, paper Table 8): no rotated reference views",
-    )
     de.add_argument("--s3", metavar="BUCKET", default=None, help="every URI on s3://BUCKET")
     add_config_args(de)
     de.set_defaults(func=cmd_demo)

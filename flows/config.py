@@ -17,11 +17,12 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from anomalydino_core.choices import MaskingMode, Rotation
 from anomalydino_core.config import ModelSettings, ScoringSettings
 from tasks.layout import Layout, check_name
 from tasks.storage import (
@@ -60,7 +61,7 @@ class StorageSettings(_Frozen):
         default=None, description="S3 endpoint, e.g. http://127.0.0.1:8333 (else AWS_ENDPOINT_URL)"
     )
     profile: str | None = Field(default=None, description="AWS shared-credentials profile")
-    anon: bool = False
+    anon: bool = Field(default=False, description="anonymous access (public buckets)")
     client_kwargs: dict[str, Any] = Field(default_factory=dict, description="botocore options")
     link_roots: list[str] = Field(
         default_factory=list,
@@ -94,8 +95,8 @@ class StorageSettings(_Frozen):
 class ProductSettings(_Frozen):
     """Per-product choices; ``None`` inherits the pipeline-wide ``scoring`` setting."""
 
-    masking: Literal["auto", "on", "off"] | None = None
-    rotation: Literal["agnostic", "informed"] | None = Field(
+    masking: MaskingMode | None = None
+    rotation: Rotation | None = Field(
         default=None, description="agnostic: 8 rotations of each reference; informed: none"
     )
     mask_references: bool | None = None
@@ -122,11 +123,19 @@ class ThresholdSettings(_Frozen):
     long as a tenth of the shipment is normal).
     """
 
-    loo_sigmas: float = Field(default=3.0, ge=0)
-    loo_margin: float = Field(default=0.0, ge=0)
-    loo_max_references: int = Field(default=16, ge=2)
-    zero_shot_low_quantile: float = Field(default=0.1, ge=0, le=1)
-    zero_shot_ratio: float = Field(default=2.0, gt=1)
+    loo_sigmas: float = Field(
+        default=3.0, ge=0, description="few-shot: threshold >= mean + this many std of s"
+    )
+    loo_margin: float = Field(default=0.0, ge=0, description="few-shot: relative margin on top")
+    loo_max_references: int = Field(
+        default=16, ge=2, description="few-shot: references scored leave-one-out"
+    )
+    zero_shot_low_quantile: float = Field(
+        default=0.1, ge=0, le=1, description="screening: quantile taken as the normal level"
+    )
+    zero_shot_ratio: float = Field(
+        default=2.0, gt=1, description="screening: flagged above this multiple of that level"
+    )
 
 
 class RuntimeSettings(_Frozen):
@@ -141,6 +150,12 @@ class RuntimeSettings(_Frozen):
     dask_address: str | None = Field(default=None, description="tcp://host:port of a scheduler")
     dask_workers: int | None = Field(default=None, ge=1, description="LocalCluster of N workers")
     zero_shot_blocks: int = Field(default=4, ge=1, description="query blocks of a screening")
+
+    @model_validator(mode="after")
+    def _one_dask(self) -> RuntimeSettings:
+        if self.dask_address and self.dask_workers:
+            raise ValueError("dask_address and dask_workers exclude each other: choose one")
+        return self
 
 
 class PipelineConfig(_Frozen):

@@ -33,7 +33,7 @@ from typing import Any
 OK, FAILED, BAD_INPUT, PARTIAL = 0, 1, 2, 3
 INTERRUPTED = 130
 NAME_ARGS = ("product", "lot", "shipment", "version")
-NO_FLOW_COMMANDS = frozenset({"show-bank"})
+NO_FLOW_COMMANDS = frozenset({"show-bank", "config"})
 KEEP_LOGS = 20
 _DETAILS = logging.getLogger("anomalydino.cli")  # to the log file only
 
@@ -70,7 +70,7 @@ def preflight(args: argparse.Namespace) -> None:
         for name in value if isinstance(value, list) else [value]:
             if name is not None:
                 check_name(kind, name)
-    if hasattr(args, "root"):  # the pipeline commands
+    if hasattr(args, "config"):  # every command with settings
         from flows.commands import load_config
 
         load_config(args)

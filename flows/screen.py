@@ -54,9 +54,7 @@ def screen_shipment(
     mc = model_context(cfg, product)
     items = lot_items(cfg, product, shipment)
     if not items and not exists(lot_uri, storage):
-        raise FileNotFoundError(
-            f"{product}/{shipment}: no shipment at {lot_uri}"
-        )
+        raise FileNotFoundError(f"{product}/{shipment}: no shipment at {lot_uri}")
     futures = [
         embed_images.submit(
             chunk, mc.store_uri, mc.settings, cfg.model, mc.threads, cfg.runtime.io_threads,

@@ -1,0 +1,19 @@
+"""Every choice list of the settings, defined once (no heavy imports: the CLI reads these).
+
+The modules that implement a choice import its type from here, check values with
+``typing.get_args`` and the settings model (``anomalydino_core/config.py``) uses the same types,
+so the flags, the config file, the docs and the code always agree.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+MaskingMode = Literal["auto", "on", "off"]
+Rotation = Literal["agnostic", "informed"]
+Preprocess = Literal["agnostic", "informed", "masking_only", "none"]
+ImageScoreMethod = Literal["top1p_mean", "max", "max_map"]
+IndexKind = Literal["exact", "exact_bf16", "hnsw", "ivf"]
+Statistic = Literal["code_mean", "quantile"]
+Precision = Literal["auto", "fp32", "bf16"]
+ComputePrecision = Literal["fp32", "bf16"]
