@@ -86,8 +86,8 @@ def main() -> None:
 
     from flows.audit import audit_lot
     from flows.build_bank import build_bank
-    from flows.commands import setup_demo
     from flows.config import PipelineConfig
+    from flows.demo import setup_demo
     from flows.runtime import with_runner
 
     root = Path(args.root or tempfile.mkdtemp(prefix="anomalydino-bench-")).resolve()

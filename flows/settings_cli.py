@@ -88,6 +88,7 @@ def add_settings_flags(
             title = doc.strip().splitlines()[0] if doc.strip() else "where inputs and outputs live"
             groups[section] = parser.add_argument_group(f"{section}: {title.rstrip('.')}")
         help_text = f"{field.description or ''} (default: {_default_text(field)})".strip()
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         options: dict[str, Any] = dict(dest=path, default=argparse.SUPPRESS, help=help_text)
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction

@@ -12,6 +12,9 @@ LOT_IMAGES = (
     ("contamination/000.png", "test/contamination/000.png"),
 )
 BAD_FILES = ("unreadable.png", "truncated.png", "zero_bytes.png")
+N_READABLE = len(LOT_IMAGES)  # images that get a score, a map
+N_DEFECTIVE = sum(1 for rel, _ in LOT_IMAGES if not rel.startswith("good/"))  # flagged
+N_LOT = len(LOT_IMAGES) + len(BAD_FILES)  # report rows
 
 
 def bad_file_bytes(mvtec_root: Path) -> dict[str, bytes]:

@@ -22,6 +22,10 @@ from tasks.embed import SourceImage, embed_images
 from tasks.embedding_store import EmbeddingStore
 from tasks.report import REPORT_SCHEMA
 from tests.pipeline_data import (
+    BAD_FILES,
+    N_DEFECTIVE,
+    N_LOT,
+    N_READABLE,
     REFERENCES,
     fast_config,
     lot_files,
@@ -60,7 +64,7 @@ def test_report_rows_errors_and_verdicts(audited) -> None:
     assert pq.read_schema(first.report_uri).remove_metadata() == REPORT_SCHEMA
     df = pd.read_parquet(first.report_uri)
     assert list(df["image_id"]) == sorted(df["image_id"])
-    assert len(df) == 7 and first.n_images == 7 and first.n_errors == 3
+    assert len(df) == N_LOT and first.n_images == N_LOT and first.n_errors == len(BAD_FILES)
     errors = df.set_index("image_id")["error"]
     assert "not a recognised image format" in errors["unreadable.png"]
     assert "cannot decode image" in errors["truncated.png"]
@@ -82,7 +86,7 @@ def test_report_rows_errors_and_verdicts(audited) -> None:
         224,
     )
     assert len(row["weights_sha256"]) == 64 and len(row["content_sha256"]) == 64
-    assert (row["shots"], row["reference_version"]) == (3, "v1")
+    assert (row["shots"], row["reference_version"]) == (len(REFERENCES), "v1")
     assert (row["image_height"], row["image_width"]) == (900, 900)
     assert 0 <= row["max_patch_y"] < 900 and 0 <= row["max_patch_x"] < 900
     assert row["file_size_bytes"] > 0 and row["run_id"] == first.run_id
@@ -97,9 +101,9 @@ def test_maps_and_overlays(audited) -> None:
         arr = zarr.open_array(df.loc[image_id, "map_uri"], mode="r")
         assert arr.dtype == np.float16 and arr.shape == (900, 900)
         assert arr.attrs["image_id"] == image_id and arr.attrs["complete"] is True
-    assert len(list(group["maps"].arrays())) == 4
+    assert len(list(group["maps"].arrays())) == N_READABLE
     flagged = df[df["verdict"] == "anomalous"]
-    assert len(flagged) == 2 and flagged["overlay_uri"].notna().all()
+    assert len(flagged) == N_DEFECTIVE and flagged["overlay_uri"].notna().all()
     assert pd.isna(df.loc["good/000.png", "overlay_uri"])
     png = cv2.imread(flagged["overlay_uri"].iloc[0])
     assert png is not None and png.shape == (900, 900, 3)
@@ -171,7 +175,7 @@ def test_dask_local_cluster_gives_exactly_the_local_scores(audited, tmp_path, mv
     root = make_root(tmp_path, mvtec_root)
     cfg = PipelineConfig.model_validate(fast_config(str(root), dask_workers=2))
     summary = with_runner(audit_lot, cfg.runtime)("bottle", "lot-1", cfg)
-    assert summary.runner.startswith("dask") and summary.n_computed == 4
+    assert summary.runner.startswith("dask") and summary.n_computed == N_READABLE
     local, dask = pd.read_parquet(first.report_uri), pd.read_parquet(summary.report_uri)
     cols = ["image_id", "score", "verdict", "max_patch_row", "max_patch_col", "error"]
     pd.testing.assert_frame_equal(local[cols], dask[cols])

@@ -13,7 +13,15 @@ import zarr
 from flows.audit import audit_lot
 from flows.config import PipelineConfig
 from tasks import storage as st
-from tests.pipeline_data import fast_config, lot_files, reference_files
+from tests.pipeline_data import (
+    BAD_FILES,
+    N_DEFECTIVE,
+    N_LOT,
+    N_READABLE,
+    fast_config,
+    lot_files,
+    reference_files,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -36,15 +44,19 @@ def test_audit_on_s3_reads_back_with_pandas_and_zarr(
     summary = audit_lot("bottle", "lot-s3", cfg)
     assert summary.report_uri.startswith(f"{bucket}/pipeline/reports/bottle/lot-s3/")
     assert summary.maps_uri.startswith("s3://") and summary.embeddings_uri.startswith("s3://")
-    assert (summary.n_images, summary.n_errors, summary.n_flagged) == (7, 3, 2)
+    assert (summary.n_images, summary.n_errors, summary.n_flagged) == (
+        N_LOT,
+        len(BAD_FILES),
+        N_DEFECTIVE,
+    )
 
     df = pd.read_parquet(summary.report_uri)  # plain pandas, s3fs from the AWS_* variables
-    assert len(df) == 7 and df["image_uri"].str.startswith("s3://").all()
+    assert len(df) == N_LOT and df["image_uri"].str.startswith("s3://").all()
     ok = df[df["error"].isna()].set_index("image_id")
     amap = zarr.open_array(ok.loc["broken_large/000.png", "map_uri"], mode="r")
     assert amap.dtype == np.float16 and amap.shape == (900, 900)
     group = zarr.open_group(summary.maps_uri, mode="r")
-    assert len(list(group["maps"].arrays())) == 4
+    assert len(list(group["maps"].arrays())) == N_READABLE
     overlay = ok.loc["broken_large/000.png", "overlay_uri"]
     assert overlay.startswith("s3://") and st.exists(overlay, s3.storage)
     emb = zarr.open_group(summary.embeddings_uri, mode="r")

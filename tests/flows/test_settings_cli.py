@@ -77,6 +77,17 @@ def test_audit_takes_scoring_flags_and_evaluate_takes_config(tmp_path: Path) -> 
         parser.parse_args(["evaluate", "--data", "d", "--category", "c", "--rotation", "informed"])
 
 
+def test_every_command_prints_its_help() -> None:
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"audit", "evaluate", "config", "demo", "screen"} <= set(commands)
+    for name, sub in commands.items():
+        text = sub.format_help()
+        assert "--config" in text, name
+        if name != "evaluate":
+            assert "--image-score" in text and "--chunk-size" in text, name
+
+
 def test_docs_table_is_generated_from_the_model() -> None:
     docs = (REPO / "docs" / "settings.md").read_text()
     assert docs.endswith(settings_table()), "regenerate: anomalydino config --table"
