@@ -14,7 +14,15 @@ from anomalydino_core.overlays import overlay_scale
 from flows import leftovers
 from flows.banks import model_context, prepare_bank, reference_versions
 from flows.config import PipelineConfig
-from flows.run import LotRunSummary, few_shot_context, finish_run, lot_items, open_map_archive
+from flows.progress import Progress, gather
+from flows.run import (
+    LotRunSummary,
+    bank_references,
+    few_shot_context,
+    finish_run,
+    lot_items,
+    open_map_archive,
+)
 from flows.runtime import (
     artifact_key,
     chunked,
@@ -53,7 +61,8 @@ def audit_lot(
         if not exists(lot_uri, cfg.storage_config()):
             raise FileNotFoundError(f"{product}/{lot}: no lot at {lot_uri}")
         log.warning("%s/%s: no images under %s", product, lot, lot_uri)
-    open_map_archive(ctx, cfg, overlay_scale(ctx.threshold, 0.0))
+    scale = overlay_scale(ctx.threshold, 0.0)
+    open_map_archive(ctx, cfg, scale)
     log.info(
         "auditing %s/%s: %d images, bank %s (%s, %d patches), threshold %s (%s)",
         product,
@@ -65,11 +74,15 @@ def audit_lot(
         ctx.threshold,
         ctx.threshold_source,
     )
-    futures = [
-        score_images.submit(chunk, ctx, manifest)
-        for chunk in chunked(items, cfg.runtime.chunk_size)
-    ]
-    rows = [row for fut in futures for row in fut.result()]
+    t_setup = time.perf_counter()
+    chunks = chunked(items, cfg.runtime.chunk_size)
+    futures = [score_images.submit(chunk, ctx, manifest) for chunk in chunks]
+    with Progress(len(items), f"scoring {product}/{lot}") as progress:
+        rows = [row for part in gather(futures, [len(c) for c in chunks], progress) for row in part]
+    timings = {
+        "model, bank and listing": round(t_setup - t0, 3),
+        "embedding and scoring": round(time.perf_counter() - t_setup, 3),
+    }
     return finish_run(
         "audit",
         ctx,
@@ -79,6 +92,9 @@ def audit_lot(
             "bank_key": manifest.key,
             "masking": manifest.masking_evidence,
             "threshold_reason": manifest.threshold_reason,
+            "overlay_scale": list(scale),
+            "references": bank_references(manifest),
+            "timings": timings,
         },
         t0,
     )

@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from anomalydino_core.augment import AGNOSTIC_ANGLES
 from anomalydino_core.masking import TESTED_REFERENCES
 from flows.config import PipelineConfig
+from flows.progress import Progress, gather
 from flows.runtime import (
     artifact_key,
     chunked,
@@ -194,6 +195,7 @@ def prepare_bank(
     log.info(
         "building bank %s: %d references x %d views (%s)", uri, len(items), len(angles), mc.key
     )
+    chunks = chunked(items, max(1, cfg.runtime.chunk_size // len(angles)))
     futures = [
         embed_images.submit(
             chunk,
@@ -204,9 +206,10 @@ def prepare_bank(
             cfg.runtime.io_threads,
             cfg.storage,
         )
-        for chunk in chunked(items, max(1, cfg.runtime.chunk_size // len(angles)))
+        for chunk in chunks
     ]
-    summaries = [f.result() for f in futures]
+    with Progress(len(items), f"embedding the references of {product}/{version}") as progress:
+        summaries = gather(futures, [len(c) for c in chunks], progress)
     uri_of = {it.image_id: it.uri for it in items}
     references: list[ReferenceImage] = []
     errors: list[str] = []

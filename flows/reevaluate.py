@@ -21,9 +21,19 @@ from prefect import flow
 
 from anomalydino_core.overlays import overlay_scale
 from flows import leftovers
+from flows.artifacts import publish_run_artifacts
 from flows.banks import model_context, prepare_bank, reference_versions
 from flows.config import PipelineConfig
-from flows.run import LotRunSummary, few_shot_context, open_map_archive, report_metadata, summarize
+from flows.progress import Progress, gather
+from flows.run import (
+    LotRunSummary,
+    bank_references,
+    few_shot_context,
+    open_map_archive,
+    report_metadata,
+    summarize,
+    write_page,
+)
 from flows.runtime import (
     artifact_key,
     chunked,
@@ -94,6 +104,7 @@ class ReevaluationSummary:
             lines.append(f"  changes     {self.changes_uri}")
         for s in self.lots:
             lines.append(f"  {s.lot}: report {s.report_uri}")
+            lines.append(f"  {s.lot}: lot page {s.html_uri or 'not written (see the log)'}")
         for c in self.changed:
             lines.append(
                 f"  changed {c.lot}/{c.image_id}: {c.old_verdict} -> {c.new_verdict} "
@@ -157,21 +168,23 @@ def reevaluate(
         old = read_report(old_uri, storage).sort_values("image_id")
         ctx = few_shot_context(cfg, product, lot, mc, manifest, started=started)
         run_id = ctx.run_id
-        open_map_archive(ctx, cfg, overlay_scale(ctx.threshold, 0.0))
+        scale = overlay_scale(ctx.threshold, 0.0)
+        open_map_archive(ctx, cfg, scale)
         items = [
             SourceImage(r.image_id, r.image_uri, f"lots/{lot}/{r.image_id}")
             for r in old.itertuples()
         ]
         shas = [_none_if_nan(s) for s in old["content_sha256"]]
+        chunks = chunked(items, cfg.runtime.chunk_size)
         futures = [
             rescore_stored.submit(items_chunk, shas_chunk, ctx, manifest)
             for items_chunk, shas_chunk in zip(
-                chunked(items, cfg.runtime.chunk_size),
-                chunked(shas, cfg.runtime.chunk_size),
-                strict=True,
+                chunks, chunked(shas, cfg.runtime.chunk_size), strict=True
             )
         ]
-        rows = [row for fut in futures for row in fut.result()]
+        with Progress(len(items), f"re-scoring {product}/{lot}") as progress:
+            parts = gather(futures, [len(c) for c in chunks], progress)
+        rows = [row for part in parts for row in part]
         report_uri = layout.report(product, lot, ctx.run_id)
         meta = report_metadata(
             ctx,
@@ -180,11 +193,21 @@ def reevaluate(
                 "runner": runner,
                 "bank_key": manifest.key,
                 "masking": manifest.masking_evidence,
+                "threshold_reason": manifest.threshold_reason,
+                "overlay_scale": list(scale),
+                "references": bank_references(manifest),
+                "previous_threshold": old_meta.get("threshold"),
+                "timings": {"re-scoring": round(time.perf_counter() - lot_t0, 3)},
                 "reevaluates": old_uri,
             },
         )
         write_report(report_uri, rows, meta, cfg.storage)
-        summaries.append(summarize(rows, ctx, report_uri, time.perf_counter() - lot_t0, runner))
+        html_uri = write_page(report_uri, cfg)
+        lot_summary = summarize(
+            rows, ctx, report_uri, time.perf_counter() - lot_t0, runner, html_uri
+        )
+        publish_run_artifacts(lot_summary, rows, html_uri)
+        summaries.append(lot_summary)
         new_by_id = {r.image_id: r for r in rows}
         for r in old.itertuples():
             new = new_by_id[r.image_id]

@@ -10,14 +10,10 @@ from typing import Any
 from anomalydino_core.overlays import overlay_scale
 from anomalydino_core.thresholds import effective_threshold
 from flows import leftovers
+from flows.artifacts import publish_run_artifacts
 from flows.banks import ModelContext, list_images, run_context
 from flows.config import PipelineConfig
-from flows.runtime import (
-    artifact_key,
-    markdown_table,
-    publish_markdown,
-    runner_name,
-)
+from flows.runtime import runner_name
 from tasks.bank import BankManifest
 from tasks.embed import SourceImage
 from tasks.layout import relative_id
@@ -51,6 +47,7 @@ class LotRunSummary:
     threshold_source: str
     seconds: float
     runner: str
+    html_uri: str | None = None
 
     def text(self) -> str:
         """The human summary the CLI prints."""
@@ -66,6 +63,7 @@ class LotRunSummary:
                 + (" (every embedding reused)" if self.n_computed == 0 and self.n_reused else ""),
                 f"  time {self.seconds:.1f}s ({self.n_images / max(self.seconds, 1e-9):.1f} images/s)",
                 f"  report      {self.report_uri}",
+                f"  lot page    {self.html_uri or 'not written (see the log)'}",
                 f"  maps        {self.maps_uri}",
                 f"  overlays    {self.overlays_uri}",
                 f"  embeddings  {self.embeddings_uri}",
@@ -91,7 +89,12 @@ def lot_items(cfg: PipelineConfig, product: str, lot: str) -> list[SourceImage]:
 
 
 def summarize(
-    rows: list[ReportRow], ctx: RunContext, report_uri: str, seconds: float, runner: str
+    rows: list[ReportRow],
+    ctx: RunContext,
+    report_uri: str,
+    seconds: float,
+    runner: str,
+    html_uri: str | None = None,
 ) -> LotRunSummary:
     return LotRunSummary(
         product=ctx.product,
@@ -113,33 +116,8 @@ def summarize(
         threshold_source=ctx.threshold_source,
         seconds=round(seconds, 3),
         runner=runner,
+        html_uri=html_uri,
     )
-
-
-def run_markdown(summary: LotRunSummary, rows: list[ReportRow], top: int = 20) -> str:
-    """The per-run artifact: a summary table, the most anomalous images, the errors."""
-    s = summary
-    head = markdown_table(
-        ["product", "lot", "run", "method", "images", "flagged", "errors", "reused", "threshold",
-         "seconds"],
-        [[s.product, s.lot, s.run_id, s.method, s.n_images, s.n_flagged, s.n_errors, s.n_reused,
-          s.threshold, s.seconds]],
-    )  # fmt: skip
-    scored = sorted((r for r in rows if r.score is not None), key=lambda r: -r.score)[:top]
-    flagged = markdown_table(
-        ["image", "score", "verdict", "peak (y, x)", "overlay"],
-        [[r.image_id, r.score, r.verdict, f"({r.max_patch_y}, {r.max_patch_x})", r.overlay_uri]
-         for r in scored],
-    )  # fmt: skip
-    parts = [f"## {s.method} {s.product} / {s.lot}\n", head, f"\nReport: `{s.report_uri}`\n"]
-    parts += [f"### Highest scores (top {top})\n", flagged]
-    errors = [r for r in rows if r.error]
-    if errors:
-        parts += [
-            "\n### Errors\n",
-            markdown_table(["image", "error"], [[r.image_id, r.error] for r in errors]),
-        ]
-    return "\n".join(parts) + "\n"
 
 
 def report_metadata(ctx: RunContext, cfg: PipelineConfig, extra: dict[str, Any]) -> dict:
@@ -155,11 +133,32 @@ def report_metadata(ctx: RunContext, cfg: PipelineConfig, extra: dict[str, Any])
         "threshold_source": ctx.threshold_source,
         "embeddings_uri": ctx.store_uri,
         "maps_uri": ctx.maps_uri,
+        "thumbs_uri": ctx.thumbs_uri,
         "run_started_at": ctx.run_started_at.isoformat(),
         "model": cfg.model.model_dump(mode="json"),
         "scoring": cfg.scoring_for(ctx.product).model_dump(mode="json"),
         **extra,
     }
+
+
+def bank_references(manifest: BankManifest) -> list[dict[str, str]]:
+    """The references of a bank, for the report metadata (the lot page shows them)."""
+    return [
+        {"image_id": r.image_id, "uri": r.uri, "content_sha256": r.content_sha256}
+        for r in manifest.references
+    ]
+
+
+def write_page(report_uri: str, cfg: PipelineConfig) -> str | None:
+    """The run's HTML lot page beside its report; a failure is a warning, never the run's
+    failure (the Parquet report is the record)."""
+    from tasks.lot_report import write_lot_report
+
+    try:
+        return write_lot_report(report_uri, cfg.storage_config())
+    except Exception as exc:
+        run_logger().warning("%s: the lot page was not written (%s)", report_uri, exc)
+        return None
 
 
 def finish_run(
@@ -170,7 +169,8 @@ def finish_run(
     extra: dict[str, Any],
     t0: float,
 ) -> LotRunSummary:
-    """Write the run's report, publish its artifact, log and return its summary."""
+    """Write the run's report and its HTML page, publish its artifacts, log and return its
+    summary. ``job`` names the run in the log."""
     report_uri = cfg.layout().report(ctx.product, ctx.lot, ctx.run_id)
     runner = runner_name(cfg.runtime)
     meta = report_metadata(
@@ -179,14 +179,14 @@ def finish_run(
         {"runner": runner, **extra, "seconds_to_report": round(time.perf_counter() - t0, 3)},
     )
     write_report(report_uri, rows, meta, cfg.storage)
-    summary = summarize(rows, ctx, report_uri, time.perf_counter() - t0, runner)
-    publish_markdown(
-        run_markdown(summary, rows),
-        artifact_key(job, ctx.product, ctx.lot),
-        f"{job} {ctx.product}/{ctx.lot} run {ctx.run_id}",
-    )
+    t_page = time.perf_counter()
+    html_uri = write_page(report_uri, cfg)
+    page_seconds = time.perf_counter() - t_page
+    summary = summarize(rows, ctx, report_uri, time.perf_counter() - t0, runner, html_uri)
+    publish_run_artifacts(summary, rows, html_uri)
     run_logger().info(
-        "%s %s/%s run %s: %d images, %d flagged, %d errors in %.1fs; report %s",
+        "%s %s %s/%s run %s: %d images, %d flagged, %d errors in %.1fs; report %s; page %s (%.2fs)",
+        job,
         ctx.method,
         ctx.product,
         ctx.lot,
@@ -196,6 +196,8 @@ def finish_run(
         summary.n_errors,
         summary.seconds,
         report_uri,
+        html_uri,
+        page_seconds,
     )
     return summary
 
@@ -243,7 +245,12 @@ def previous_overlays(cfg: PipelineConfig, product: str, lot: str) -> PreviousOv
         if isinstance(r.overlay_uri, str) and isinstance(r.content_sha256, str)
     }
     scale = overlay_scale(meta.get("threshold"), 0.0)
-    return PreviousOverlays(maps_uri=meta["maps_uri"], scale=scale, overlays=overlays)
+    return PreviousOverlays(
+        maps_uri=meta["maps_uri"],
+        scale=scale,
+        overlays=overlays,
+        thumbs_uri=meta.get("thumbs_uri") or "",
+    )
 
 
 def few_shot_context(

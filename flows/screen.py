@@ -23,6 +23,7 @@ from anomalydino_core.zero_shot import MutualScoringConfig, split_query_indices
 from flows import leftovers
 from flows.banks import model_context, run_context
 from flows.config import PipelineConfig
+from flows.progress import Progress, gather
 from flows.run import LotRunSummary, finish_run, lot_items, open_map_archive
 from flows.runtime import (
     chunked,
@@ -55,14 +56,18 @@ def screen_shipment(
     items = lot_items(cfg, product, shipment)
     if not items and not exists(lot_uri, storage):
         raise FileNotFoundError(f"{product}/{shipment}: no shipment at {lot_uri}")
+    t_setup = time.perf_counter()
+    chunks = chunked(items, cfg.runtime.chunk_size)
     futures = [
         embed_images.submit(
             chunk, mc.store_uri, mc.settings, cfg.model, mc.threads, cfg.runtime.io_threads,
             cfg.storage,
         )
-        for chunk in chunked(items, cfg.runtime.chunk_size)
+        for chunk in chunks
     ]  # fmt: skip
-    summaries = [f.result() for f in futures]
+    with Progress(len(items), f"embedding {product}/{shipment}") as progress:
+        summaries = gather(futures, [len(c) for c in chunks], progress)
+    t_embedded = time.perf_counter()
 
     by_id = {it.image_id: it for it in items}
     ok: list[StoredImage] = []
@@ -116,7 +121,9 @@ def screen_shipment(
         )
         blocks = split_query_indices(len(ok), cfg.runtime.zero_shot_blocks)
         block_futures = [score_zero_shot_block.submit(b, ok, ctx, zconfig) for b in blocks]
-        scores = sorted((z for f in block_futures for z in f.result()), key=lambda z: z.index)
+        with Progress(len(ok), f"screening {product}/{shipment}") as progress:
+            done = gather(block_futures, [len(b) for b in blocks], progress)
+        scores = sorted((z for part in done for z in part), key=lambda z: z.index)
     elif ok:
         log.warning("%s/%s: a single readable image cannot be screened", product, shipment)
 
@@ -131,6 +138,7 @@ def screen_shipment(
     if threshold is None:
         log.warning("%s/%s: no threshold: %s", product, shipment, decided.reason)
     ctx = replace(ctx, threshold=threshold, threshold_source=source)
+    t_scored = time.perf_counter()
     lot_max = max((z.map_max for z in scores), default=0.0)
     scale = overlay_scale(threshold, lot_max)
 
@@ -169,6 +177,16 @@ def screen_shipment(
         ctx,
         cfg,
         rows,
-        {"masking": decision.to_dict(), "threshold_reason": decided.reason},
+        {
+            "masking": decision.to_dict(),
+            "threshold_reason": decided.reason,
+            "overlay_scale": list(scale),
+            "timings": {
+                "model and listing": round(t_setup - t0, 3),
+                "embedding": round(t_embedded - t_setup, 3),
+                "zero-shot scoring": round(t_scored - t_embedded, 3),
+                "overlays": round(time.perf_counter() - t_scored, 3),
+            },
+        },
         t0,
     )

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import math
 import re
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import numpy as np
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from anomalydino_core.images import DECODE_MAX_PIXELS, decode_image
-from anomalydino_core.overlays import overlay_scale
+from anomalydino_core.overlays import overlay_scale, render_overlay
 from tasks.lot_report_data import (
     Previous,
     fmt_score,
@@ -43,13 +44,12 @@ from tasks.lot_report_data import (
 )
 from tasks.report import read_report, report_metadata
 from tasks.storage import StorageConfig, atomic_write_bytes, read_bytes
+from tasks.thumbnails import THUMB_EDGE, decode_jpeg, fit, fit_map, jpeg, thumb_uri
 
 TEMPLATES = Path(__file__).parent / "templates"
-THUMB_EDGE = 360  # longest edge of the written thumbnails, in pixels
 REF_EDGE = 160
 MAX_CARDS = 200  # flagged images with a card; the table lists every image
 MAX_REFERENCES = 24
-JPEG_QUALITY = 85
 
 
 def html_uri_of(report_uri: str) -> str:
@@ -66,24 +66,6 @@ def _file_key(image_id: str) -> str:
     """A safe, unique, readable file name stem for an image id."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._")[-60:] or "image"
     return f"{slug}-{hashlib.sha256(image_id.encode()).hexdigest()[:10]}"
-
-
-def _fit(rgb: np.ndarray, edge: int) -> np.ndarray:
-    h, w = rgb.shape[:2]
-    scale = min(1.0, edge / max(h, w))
-    if scale >= 1.0:
-        return rgb
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-
-
-def _jpeg(rgb: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(
-        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
-    )
-    if not ok:
-        raise OSError("JPEG encoding failed")
-    return buf.tobytes()
 
 
 def jet_colours(n: int = 9) -> list[str]:
@@ -113,7 +95,13 @@ class Picture:
 
 
 class _Writer:
-    """Writes the page's images under ``<run_id>_files/``, in a small thread pool."""
+    """Writes the page's images under ``<run_id>_files/``, in a small thread pool.
+
+    A card's image is the run's stored thumbnail (``tasks.thumbnails``, copied as it is) or, if
+    there is none, its source decoded again; its overlay is blended from that small image and
+    the anomaly map from the run's Zarr archive, downscaled (the lot's one colour scale), or
+    else read from the overlay PNG. Nothing full-size is decoded when the run left thumbnails.
+    """
 
     def __init__(self, files_uri: str, storage: StorageConfig | None, meta: dict[str, Any]):
         self.files_uri = files_uri.rstrip("/")
@@ -121,36 +109,85 @@ class _Writer:
         self.storage = storage
         self.max_pixels = (meta.get("model") or {}).get("decode_max_pixels", DECODE_MAX_PIXELS)
         self.maps_uri = meta.get("maps_uri")
+        self.thumbs_uri = meta.get("thumbs_uri")
         self._archive: Any = None
+        self._lock = threading.Lock()
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="lot-report")
 
-    def _put(self, rel: str, rgb: np.ndarray, note: str | None = None) -> Picture:
-        atomic_write_bytes(f"{self.files_uri}/{rel}", _jpeg(rgb), self.storage)
+    def _write(self, rel: str, data: bytes, shape: tuple[int, ...], note: str | None) -> Picture:
+        atomic_write_bytes(f"{self.files_uri}/{rel}", data, self.storage)
         link = f"{self.link_base}/{quote(rel)}"
-        return Picture(link, int(rgb.shape[1]), int(rgb.shape[0]), note)
+        return Picture(link, int(shape[1]), int(shape[0]), note)
+
+    def _put(self, rel: str, rgb: np.ndarray, note: str | None = None) -> Picture:
+        return self._write(rel, jpeg(rgb), rgb.shape, note)
+
+    def _source(self, uri: str, edge: int, name: str) -> np.ndarray:
+        return fit(decode_image(read_bytes(uri, self.storage), name, max_pixels=self.max_pixels),
+                   edge)  # fmt: skip
 
     def _thumb(self, rel: str, uri: str | None, edge: int, name: str) -> Picture:
-        if not uri:
-            return Picture(None, note="none was written by the run")
-        try:
-            rgb = decode_image(read_bytes(uri, self.storage), name, max_pixels=self.max_pixels)
-            return self._put(rel, _fit(rgb, edge))
-        except Exception as exc:  # a missing image costs its picture, not the page
-            return Picture(None, note=str(exc).replace(uri, name))
+        return self._image(rel, uri, edge, name)[1]
 
-    def _heat(self, rel: str, image_id: str, scale, edge: int, why: str | None) -> Picture:
-        """The anomaly map alone, on the lot's scale, when the overlay cannot be had."""
+    def _stored_thumb(self, image_id: str) -> tuple[bytes, np.ndarray] | None:
+        if not self.thumbs_uri:
+            return None
         try:
+            data = read_bytes(thumb_uri(self.thumbs_uri, image_id), self.storage)
+            return data, decode_jpeg(data)
+        except Exception:  # none written (an older run, a reused overlay): decode the source
+            return None
+
+    def _image(
+        self, rel: str, uri: str | None, edge: int, name: str, image_id: str | None = None
+    ) -> tuple[np.ndarray | None, Picture]:
+        """(the small RGB image or None, its picture on the page)."""
+        stored = None if image_id is None else self._stored_thumb(image_id)
+        if stored is not None:
+            data, rgb = stored
+            if max(rgb.shape[:2]) <= edge:
+                return rgb, self._write(rel, data, rgb.shape, None)
+            rgb = fit(rgb, edge)
+            return rgb, self._put(rel, rgb)
+        if not uri:
+            return None, Picture(None, note="none was written by the run")
+        try:
+            rgb = self._source(uri, edge, name)
+            return rgb, self._put(rel, rgb)
+        except Exception as exc:  # a missing image costs its picture, not the page
+            return None, Picture(None, note=str(exc).replace(uri, name))
+
+    def _map(self, image_id: str) -> np.ndarray:
+        with self._lock:
             if self._archive is None:
                 from tasks.map_archive import MapArchive
 
                 self._archive = MapArchive.open(
                     self.maps_uri, None, self.storage, create=False, read_only=True
                 )
-            amap = self._archive.get(image_id)
-            return self._put(rel, _fit(_heat_only(amap, scale), edge), "anomaly map only")
+        return self._archive.get(image_id)
+
+    def _overlay(self, rel: str, row: dict[str, Any], small, scale, edge: int) -> Picture:
+        """The overlay on the lot's scale: the small image blended with the downscaled map; the
+        map alone when the image is gone; the overlay PNG when the map cannot be read."""
+        iid = row["image_id"]
+        try:
+            amap = self._map(iid)
         except Exception as exc:
-            return Picture(None, note=f"overlay: {why}; anomaly map: {exc}")
+            why = f"anomaly map: {exc}"
+            overlay_uri = row.get("overlay_uri")
+            if not overlay_uri:
+                return Picture(None, note=f"no overlay was written; {why}")
+            try:
+                return self._put(rel, self._source(overlay_uri, edge, f"overlay of {iid}"))
+            except Exception as exc2:
+                return Picture(None, note=f"overlay: {str(exc2).replace(overlay_uri, iid)}; {why}")
+        if small is not None:
+            return self._put(rel, render_overlay(small, fit_map(amap, small.shape[:2]), *scale))
+        h, w = amap.shape[:2]
+        k = min(1.0, edge / max(h, w))
+        shape = (max(1, round(h * k)), max(1, round(w * k)))
+        return self._put(rel, _heat_only(fit_map(amap, shape), scale), "anomaly map only")
 
     def card(self, row: dict[str, Any], edge: int, scale) -> Future:
         """(image, overlay) pictures of a flagged row."""
@@ -158,12 +195,8 @@ class _Writer:
         def job() -> tuple[Picture, Picture]:
             iid = row["image_id"]
             key = _file_key(iid)
-            image = self._thumb(f"images/{key}.jpg", row["image_uri"], edge, iid)
-            overlay_uri = row.get("overlay_uri")
-            overlay = self._thumb(f"overlays/{key}.jpg", overlay_uri, edge, f"overlay of {iid}")
-            if overlay.src is None:
-                overlay = self._heat(f"overlays/{key}.jpg", iid, scale, edge, overlay.note)
-            return image, overlay
+            small, image = self._image(f"images/{key}.jpg", row["image_uri"], edge, iid, iid)
+            return image, self._overlay(f"overlays/{key}.jpg", row, small, scale, edge)
 
         return self.pool.submit(job)
 

@@ -22,6 +22,7 @@ from tasks.report import ReportRow
 from tasks.retry import run_logger, with_storage_retries
 from tasks.run_context import TASK_OPTIONS, RunContext, make_row
 from tasks.storage import PERMANENT_ERRORS, StorageConfig, copy_object
+from tasks.thumbnails import thumb_uri, write_thumbnail
 
 
 def _write_overlay(
@@ -40,6 +41,21 @@ def _write_overlay(
         lambda: write_overlay_png(target, image, amap, scale[0], scale[1], storage),
         what=f"write {target}",
     )
+    _write_thumbnail(ctx, image_id, image, storage)
+
+
+def _write_thumbnail(
+    ctx: RunContext, image_id: str, image: np.ndarray, storage: StorageConfig
+) -> None:
+    """The flagged image's thumbnail for the lot page, while it is decoded; a failure only
+    costs the page a slower path (it decodes the source again)."""
+    try:
+        with_storage_retries(
+            lambda: write_thumbnail(ctx.thumbs_uri, image_id, image, storage),
+            what=f"write the thumbnail of {image_id}",
+        )
+    except Exception as exc:
+        run_logger().warning("%s: no thumbnail for the lot page (%s)", image_id, exc)
 
 
 def put_map(archive: MapArchive, image_id: str, uri: str, amap: np.ndarray, score: float) -> None:
@@ -129,7 +145,22 @@ def _reuse_overlay(
         )
     except PERMANENT_ERRORS:
         return False
+    _copy_thumbnail(prev.thumbs_uri, ctx, item.image_id, storage)
     return True
+
+
+def _copy_thumbnail(
+    thumbs_uri: str, ctx: RunContext, image_id: str, storage: StorageConfig
+) -> None:
+    """The previous run's thumbnail of the same content, if it has one (else the page decodes
+    the source)."""
+    if not thumbs_uri:
+        return
+    src, dst = thumb_uri(thumbs_uri, image_id), thumb_uri(ctx.thumbs_uri, image_id)
+    try:
+        with_storage_retries(lambda: copy_object(src, dst, storage), what=f"copy {src}")
+    except Exception:  # an older run without thumbnails
+        return
 
 
 def _write_overlay_or_skip(

@@ -46,6 +46,7 @@ class PreviousOverlays:
     maps_uri: str
     scale: tuple[float, float]
     overlays: dict[str, tuple[str, str]]  # image id -> (content sha256, overlay uri)
+    thumbs_uri: str = ""  # the previous run's thumbnails (tasks.thumbnails)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,11 @@ class RunContext:
 
     def overlay_uri(self, image_id: str) -> str:
         return join(self.overlays_uri, overlay_name(image_id))
+
+    @property
+    def thumbs_uri(self) -> str:
+        """The run's thumbnails of flagged images (``tasks.thumbnails``), beside its overlays."""
+        return join(self.overlays_uri.rstrip("/").rsplit("/", 1)[0], "thumbs")
 
 
 def make_row(

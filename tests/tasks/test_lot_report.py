@@ -190,9 +190,14 @@ def test_page_from_object_storage(runs: Runs, request, tmp_path: Path) -> None:
 
 
 def test_missing_source_and_overlay_are_named_not_fatal(runs: Runs, tmp_path: Path) -> None:
-    """A flagged image whose source and overlay are gone: its anomaly map alone (from the Zarr
-    archive, on the lot's scale) and a note instead of a broken picture."""
+    """A flagged image whose source, thumbnail and overlay are gone: its anomaly map alone (from
+    the Zarr archive, on the lot's scale) and a note instead of a broken picture."""
     table = pq.read_table(runs.audit_report)
+    meta = json.loads(table.schema.metadata[b"anomalydino"])
+    meta["thumbs_uri"] = str(tmp_path / "no-thumbs")
+    table = table.replace_schema_metadata(
+        {**table.schema.metadata, b"anomalydino": json.dumps(meta).encode()}
+    )
     df = table.to_pandas()
     top = df["score"].idxmax()
     df.loc[top, "image_uri"] = str(tmp_path / "gone.png")
