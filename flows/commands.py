@@ -143,6 +143,23 @@ def cmd_reevaluate(args: argparse.Namespace) -> int:
     return outcome(result)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rebuild a stored run's lot page; print where it is; ``--open`` it in a browser."""
+    from flows.lot_page import open_page, rebuild
+
+    cfg = load_config(args)
+    storage = cfg.storage_config()
+    done = rebuild(args.run, cfg.root, storage)
+    if args.json:
+        print(json.dumps(done, indent=2))
+    else:
+        print(f"lot page  {done['html_uri']}")
+        print(f"  rebuilt from {done['report_uri']} in {done['seconds']:.2f}s")
+    if args.open:
+        print(open_page(str(done["html_uri"]), storage))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -193,6 +210,19 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     sb.add_argument("--version", default=None, help="reference version (default: the latest)")
     add_config_args(sb)
     sb.set_defaults(func=cmd_show_bank)
+
+    rp = sub.add_parser(
+        "report",
+        help="rebuild a stored run's HTML lot page (from its report, maps, metadata)",
+    )
+    rp.add_argument(
+        "run",
+        metavar="RUN_URI_OR_ID",
+        help="a report (.parquet), its page (.html), or a run id under <root>/reports",
+    )
+    rp.add_argument("--open", action="store_true", help="open the page in a browser")
+    add_config_args(rp)
+    rp.set_defaults(func=cmd_report)
 
     de = sub.add_parser(
         "demo",

@@ -38,6 +38,13 @@ def setup_demo(root: Path, data: Path, category: str, shots: int, lot: str) -> t
     return refs, lot_dir
 
 
+def page_location(html_uri: str) -> str:
+    """A local page as a ``file://`` URI (clickable in a terminal), an S3 one as it is."""
+    from tasks.storage import is_local, local_path
+
+    return local_path(html_uri).as_uri() if is_local(html_uri) else html_uri
+
+
 def label_check(report_uri: str) -> str:
     """How the verdicts compare with the MVTec folder labels (which the pipeline never reads)."""
     import pandas as pd
@@ -149,6 +156,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"  lot        {lot_dir} -> {lot_dir.resolve()}")
     summary = with_runner(audit_lot, cfg.runtime)(args.category, args.lot, cfg)
     print(summary.text())
+    if summary.html_uri:
+        print(f"lot report (open it in a browser): {page_location(summary.html_uri)}")
     print(label_check(summary.report_uri))
     print(compare_with_previous_run(summary, cfg))
     if args.s3:

@@ -4,7 +4,7 @@ few-shot run context, the map archive, and finishing a run (report, artifact, su
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from anomalydino_core.overlays import overlay_scale
@@ -48,6 +48,7 @@ class LotRunSummary:
     seconds: float
     runner: str
     html_uri: str | None = None
+    page_seconds: float | None = None
 
     def text(self) -> str:
         """The human summary the CLI prints."""
@@ -63,7 +64,8 @@ class LotRunSummary:
                 + (" (every embedding reused)" if self.n_computed == 0 and self.n_reused else ""),
                 f"  time {self.seconds:.1f}s ({self.n_images / max(self.seconds, 1e-9):.1f} images/s)",
                 f"  report      {self.report_uri}",
-                f"  lot page    {self.html_uri or 'not written (see the log)'}",
+                f"  lot page    {self.html_uri or 'not written (see the log)'}"
+                + (f" ({self.page_seconds:.2f}s)" if self.html_uri and self.page_seconds else ""),
                 f"  maps        {self.maps_uri}",
                 f"  overlays    {self.overlays_uri}",
                 f"  embeddings  {self.embeddings_uri}",
@@ -183,6 +185,7 @@ def finish_run(
     html_uri = write_page(report_uri, cfg)
     page_seconds = time.perf_counter() - t_page
     summary = summarize(rows, ctx, report_uri, time.perf_counter() - t0, runner, html_uri)
+    summary = replace(summary, page_seconds=round(page_seconds, 3))
     publish_run_artifacts(summary, rows, html_uri)
     run_logger().info(
         "%s %s %s/%s run %s: %d images, %d flagged, %d errors in %.1fs; report %s; page %s (%.2fs)",

@@ -145,22 +145,27 @@ def _reuse_overlay(
         )
     except PERMANENT_ERRORS:
         return False
-    _copy_thumbnail(prev.thumbs_uri, ctx, item.image_id, storage)
+    _copy_thumbnail(prev.thumbs_uri, ctx, item.image_id, item.uri, storage)
     return True
 
 
 def _copy_thumbnail(
-    thumbs_uri: str, ctx: RunContext, image_id: str, storage: StorageConfig
+    thumbs_uri: str, ctx: RunContext, image_id: str, image_uri: str, storage: StorageConfig
 ) -> None:
-    """The previous run's thumbnail of the same content, if it has one (else the page decodes
-    the source)."""
-    if not thumbs_uri:
-        return
+    """The previous run's thumbnail of the same content or, if it has none (an older run), one
+    made from the decoded image, so that the next run can copy it again."""
     src, dst = thumb_uri(thumbs_uri, image_id), thumb_uri(ctx.thumbs_uri, image_id)
     try:
-        with_storage_retries(lambda: copy_object(src, dst, storage), what=f"copy {src}")
-    except Exception:  # an older run without thumbnails
+        if thumbs_uri:
+            with_storage_retries(lambda: copy_object(src, dst, storage), what=f"copy {src}")
+            return
+    except Exception:
+        pass
+    try:
+        image = load_image(image_uri, image_id, storage, ctx.model.decode_max_pixels)
+    except Exception:  # the page decodes the source itself, or says why it cannot
         return
+    _write_thumbnail(ctx, image_id, image, storage)
 
 
 def _write_overlay_or_skip(

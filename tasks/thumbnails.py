@@ -31,9 +31,11 @@ def fit(rgb: np.ndarray, edge: int) -> np.ndarray:
 
 
 def fit_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """An anomaly map resized to ``(h, w)`` (float32; linear: the maps are smooth)."""
+    """An anomaly map resized to ``(h, w)``, float32. The maps are smooth (patch distances
+    upsampled and blurred), so every ``step``-th pixel is taken first, then area-averaged."""
     h, w = shape
-    src = np.asarray(amap, dtype=np.float32)
+    step = max(1, min(amap.shape[0] // h, amap.shape[1] // w))
+    src = np.asarray(amap[::step, ::step], dtype=np.float32)
     if src.shape == (h, w):
         return src
     return cv2.resize(src, (w, h), interpolation=cv2.INTER_AREA)
