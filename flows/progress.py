@@ -51,6 +51,7 @@ class Progress:
         every_s: float = LOG_EVERY_S,
         mode: str | None = None,
         clock=time.monotonic,
+        bar_refresh_s: float = 0.5,
     ) -> None:
         self.total, self.description, self.unit = int(total), description, unit
         self.done = 0
@@ -72,8 +73,8 @@ class Progress:
             self._bar = tqdm(
                 total=self.total,
                 desc=description,
-                unit=" " + unit.rstrip("s"),
-                unit_scale=False,
+                unit=" " + unit,
+                mininterval=bar_refresh_s,
                 file=stream,
                 dynamic_ncols=True,
                 leave=False,

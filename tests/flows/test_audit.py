@@ -220,3 +220,80 @@ def test_masking_decision_is_stored_reported_and_printed(audited, capsys) -> Non
     assert f"masking {'on' if decision.use_mask else 'off'} (auto): {decision.reason}" in out
     assert f"rule {MASKING_RULE}; {len(decision.views)} view(s) tested" in out
     assert f"{refs[-1]} rot315" in out and "threshold " in out
+
+
+def read_artifacts(keys: list[str]) -> dict[str, list]:
+    """The artifacts under ``keys`` from the Prefect API, newest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)),
+            sort=ArtifactSort.CREATED_DESC,
+        )
+    return {k: [a for a in found if a.key == k] for k in keys}
+
+
+def test_page_metadata_and_prefect_artifacts(audited) -> None:
+    """Each run leaves its lot page, the metadata the page uses, and three artifacts per lot
+    (summary, flagged table, page link) whose history holds both runs."""
+    import json
+
+    from flows.artifacts import lot_keys
+    from tasks.report import report_metadata
+    from tasks.thumbnails import thumb_uri
+
+    cfg, first, second = audited
+    for s in (first, second):
+        assert s.html_uri == s.report_uri.removesuffix(".parquet") + ".html"
+        assert Path(s.html_uri).is_file() and s.page_seconds is not None
+        assert f"lot page    {s.html_uri}" in s.text()
+        meta = report_metadata(s.report_uri)
+        assert meta["overlay_scale"] == [0.0, 2 * meta["threshold"]]
+        refs = meta["references"]
+        assert [r["image_id"] for r in refs] == list(REFERENCES)
+        assert all(len(r["content_sha256"]) == 64 and Path(r["uri"]).is_file() for r in refs)
+        assert set(meta["timings"]) == {"model, bank and listing", "embedding and scoring"}
+        # flagged images have a thumbnail (rendered in the first run, copied in the second)
+        for image_id in ("broken_large/000.png", "contamination/000.png"):
+            assert Path(thumb_uri(meta["thumbs_uri"], image_id)).is_file()
+
+    keys = lot_keys("bottle", "lot-1")
+    assert keys == {k: f"lot-{k}-bottle-lot-1" for k in ("summary", "flagged", "report")}
+    arts = read_artifacts(list(keys.values()))
+    assert all(len(v) >= 2 for v in arts.values()), {k: len(v) for k, v in arts.items()}
+    summary, table, link = (arts[keys[k]][0] for k in ("summary", "flagged", "report"))
+    assert (summary.type, table.type, link.type) == ("markdown", "table", "markdown")
+    assert second.run_id in summary.data and second.html_uri in summary.data
+    assert "| image | score | verdict |" in summary.data
+    data = table.data if isinstance(table.data, list) else json.loads(table.data)
+    rows = data if isinstance(data, list) else data["table"]
+    assert [r["image_id"] for r in rows] == sorted(
+        ["broken_large/000.png", "contamination/000.png"],
+        key=lambda i: -scores(second.report_uri)[i],
+    )
+    assert all(r["score"] > r["threshold"] and r["overlay_uri"] for r in rows)
+    assert Path(second.html_uri).as_uri() in link.data
+
+
+def test_report_command_rebuilds_a_stored_page(audited, capsys) -> None:
+    from flows.cli import main
+
+    cfg, first, _ = audited
+    page = Path(first.html_uri)
+    page.unlink()
+    assert main(["report", first.run_id, "--root", cfg.root]) == 0
+    out = capsys.readouterr().out
+    assert page.is_file() and f"lot page  {page}" in out and first.run_id in page.read_text()
+    before = page.stat().st_mtime_ns
+    assert main(["report", str(page), "--root", cfg.root]) == 0  # the page's own path
+    assert main(["report", first.report_uri, "--json"]) == 0  # the report's URI
+    assert page.stat().st_mtime_ns > before
+    capsys.readouterr()
+    assert main(["report", "20000101T000000Z-deadbeef", "--root", cfg.root]) == 2
+    err = capsys.readouterr().err
+    assert "error: no report of run '20000101T000000Z-deadbeef' under" in err
+    assert main(["report", "../etc/passwd", "--root", cfg.root]) == 2
+    assert "neither a report" in capsys.readouterr().err

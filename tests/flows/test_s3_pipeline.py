@@ -59,6 +59,13 @@ def test_audit_on_s3_reads_back_with_pandas_and_zarr(
     assert len(list(group["maps"].arrays())) == N_READABLE
     overlay = ok.loc["broken_large/000.png", "overlay_uri"]
     assert overlay.startswith("s3://") and st.exists(overlay, s3.storage)
+    # the lot page and its pictures beside the report; copied down, it opens as it is
+    assert summary.html_uri == summary.report_uri.removesuffix(".parquet") + ".html"
+    from flows.lot_page import local_copy
+
+    page = local_copy(summary.html_uri, s3.storage)
+    pictures = list((page.parent / page.name.replace(".html", "_files")).rglob("*.jpg"))
+    assert page.is_file() and len(pictures) == 2 * N_DEFECTIVE + 3  # cards + references
     emb = zarr.open_group(summary.embeddings_uri, mode="r")
     assert emb.attrs["anomalydino"]["settings"]["backbone"] == "efficientnet_lite0"
 
