@@ -55,7 +55,7 @@ def patch_errors(
     device = select_device(config.device)
     bf16 = resolve_precision(config.precision, device) == "bf16"
     was_training = projector.training
-    projector.eval()
+    projector.eval().to(device)  # (a CPU projector moves to a GPU here and stays there)
     out = []
     try:
         with torch.inference_mode():
@@ -63,7 +63,7 @@ def patch_errors(
                 x = torch.from_numpy(tokens[start : start + config.batch_size]).to(device)
                 cast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
                 with cast:
-                    projected = projector.to(device)(x)
+                    projected = projector(x)
                 out.append(squared_errors(x, projected).cpu().numpy())
     finally:
         projector.train(was_training)
