@@ -14,7 +14,7 @@ from flows.config import PipelineConfig
 from flows.reevaluate import reevaluate_updates
 from flows.screen import screen_shipment
 from tasks.embedding_store import EmbeddingStore, image_key
-from tasks.report import list_reports
+from tasks.report import list_reports, report_metadata
 from tests.pipeline_data import fast_config, lot_files, reference_files, write_local
 
 pytestmark = pytest.mark.slow
@@ -49,6 +49,11 @@ def test_reference_update_rescores_stored_lots(prefect_harness, tmp_path, mvtec_
     new = pd.read_parquet(lot.report_uri).set_index("image_id")
     assert (new["reference_version"] == "v2").all() and (new["shots"] == 3).all()
     assert new.loc["zero_bytes.png", "verdict"] == "error"
+    # its lot page, and the metadata the page shows (the threshold's reason, the references)
+    meta = report_metadata(lot.report_uri)
+    assert Path(lot.html_uri).is_file() and f"lot page {lot.html_uri}" in result.text()
+    assert meta["threshold_reason"] and meta["reevaluates"] == old.report_uri
+    assert len(meta["references"]) == 3 and meta["overlay_scale"][1] == 2 * meta["threshold"]
     # the lot was not re-embedded: only the new reference image was added to the store
     assert sorted(i for i in store.ids() if i.startswith("lots/")) == sorted(lot_ids)
     ref_views = [i for i in store.ids() if i.startswith("references/")]
@@ -85,6 +90,9 @@ def test_zero_shot_screening(prefect_harness, tmp_path, mvtec_root) -> None:
     ok = df[df["error"].isna()]
     assert ok["threshold_source"].eq("shipment_low_decile").all()
     assert ok.loc["broken_large/000.png", "score"] > ok.loc["good/000.png", "score"]
+    meta = report_metadata(summary.report_uri)
+    assert Path(summary.html_uri).is_file() and meta["threshold_reason"]
+    assert meta["overlay_scale"][1] == pytest.approx(2 * meta["threshold"])
     # one block gives the same scores as three (the split never changes a result)
     one = PipelineConfig.model_validate(fast_config(str(root), zero_shot_blocks=1))
     again = screen_shipment("bottle", "shipment-7", one)

@@ -22,9 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from anomalydino_core.thresholds import MIN_SCREENING_IMAGES
 from flows.audit import audit_lot
 from flows.config import PipelineConfig
 from flows.reevaluate import reevaluate
+from flows.screen import screen_shipment
 from tasks.lot_report import files_uri_of, write_lot_report
 from tasks.lot_report_data import histogram
 from tasks.report import table_bytes, to_table
@@ -45,6 +47,8 @@ class Runs:
     reeval_report: str
     reeval_page: Path
     changed: list
+    screen_report: str
+    screen_page: Path
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +64,16 @@ def runs(request, mvtec_root, tmp_path_factory) -> Runs:
     write_local(refs / "v2", reference_files(mvtec_root, ("005.png",)))
     result = reevaluate("bottle", "v2", cfg)
     (lot,) = result.lots
+    # a shipment with enough readable images for a threshold of its own
+    shipment = root / "incoming" / "bottle" / "shipment-1"
+    write_local(shipment, lot_files(mvtec_root))
+    good = mvtec_root / "bottle" / "test" / "good"
+    extra = [f"good/{i:03d}.png" for i in range(2, 2 + MIN_SCREENING_IMAGES - 4)]
+    write_local(shipment, {rel: (good / rel.split("/")[1]).read_bytes() for rel in extra})
+    screen = screen_shipment("bottle", "shipment-1", cfg)
+    # the runs wrote their pages themselves
+    for s in (audit, lot, screen):
+        assert s.html_uri and Path(s.html_uri).is_file()
     return Runs(
         cfg,
         audit.report_uri,
@@ -67,6 +81,8 @@ def runs(request, mvtec_root, tmp_path_factory) -> Runs:
         lot.report_uri,
         Path(write_lot_report(lot.report_uri)),
         result.changed,
+        screen.report_uri,
+        Path(screen.html_uri),
     )
 
 
@@ -327,3 +343,42 @@ def test_page_in_headless_chromium(runs: Runs, browser) -> None:
     assert urls and all(u.startswith(base) for u in urls), sorted(urls)
     errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
     assert errors == []
+
+
+@pytest.mark.parametrize("which", ["reeval", "screen"])
+def test_reevaluation_and_screening_pages_in_headless_chromium(runs: Runs, browser, which) -> None:
+    """The same load checks on the re-evaluation and screening pages: every image decoded, the
+    score column sorts, nothing failed or was requested from outside the run's files, no
+    console error; a screenshot of each."""
+    from selenium.webdriver.common.by import By
+
+    html = {"reeval": runs.reeval_page, "screen": runs.screen_page}[which]
+    report = {"reeval": runs.reeval_report, "screen": runs.screen_report}[which]
+    browser.set_window_size(1280, 1000)
+    browser.get_log("performance")  # drop the entries of earlier pages
+    browser.get_log("browser")
+    browser.get(html.as_uri())
+    assert browser.execute_script("return document.readyState") == "complete"
+    images = browser.execute_script(
+        "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete,"
+        " i.naturalWidth]);"
+    )
+    df = pd.read_parquet(report)
+    n_flagged = int((df["verdict"] == "anomalous").sum())
+    assert n_flagged >= 1 and len(images) >= 2 * n_flagged
+    assert all(ok and w > 0 for _, ok, w in images), images
+    head = browser.find_element(
+        By.XPATH, "//table[@id='all-images']//th[normalize-space()='Score']"
+    )
+    head.find_element(By.TAG_NAME, "button").click()
+    scored = [v for v in table_scores(browser) if v is not None]
+    assert scored == sorted(scored) and len(scored) == df["score"].notna().sum()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / f"lot_report_{which}.png"))
+    perf = [json.loads(e["message"])["message"] for e in browser.get_log("performance")]
+    assert [m["params"] for m in perf if m["method"] == "Network.loadingFailed"] == []
+    base = html.parent.as_uri() + "/"
+    urls = {m["params"]["request"]["url"] for m in perf
+            if m["method"] == "Network.requestWillBeSent"}  # fmt: skip
+    assert urls and all(u.startswith(base) for u in urls), sorted(urls)
+    assert [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")] == []
