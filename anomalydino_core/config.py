@@ -19,9 +19,10 @@ from .choices import (
     Rotation,
     Statistic,
 )
+from .foundad import defaults as foundad_defaults
 from .images import DECODE_MAX_PIXELS
 
-__all__ = ["ModelSettings", "Preprocess", "Rotation", "ScoringSettings"]
+__all__ = ["FoundADSettings", "ModelSettings", "Preprocess", "Rotation", "ScoringSettings"]
 
 
 class _Frozen(BaseModel):
@@ -80,6 +81,62 @@ class ModelSettings(_Frozen):
         if value != "auto" and value not in list_backbones():
             raise ValueError(f"unknown backbone {value!r}; choose auto or {list_backbones()}")
         return value
+
+
+class FoundADSettings(_Frozen):
+    """FoundAD training and scoring (METHOD.md section 7; anomalydino_core/foundad/training.py
+    explains each default: sized so a 1-shot product trains in minutes on a 2-core CPU)."""
+
+    max_epochs: int = Field(
+        default=foundad_defaults.MAX_EPOCHS, ge=1, description="FoundAD: most training epochs"
+    )
+    max_seconds: float | None = Field(
+        default=foundad_defaults.MAX_SECONDS,
+        gt=0,
+        description="FoundAD: training time budget in seconds (none: epochs only, which makes "
+        "the projector byte-reproducible on any machine)",
+    )
+    pool_size: int = Field(
+        default=foundad_defaults.POOL_SIZE,
+        ge=1,
+        description="FoundAD: augmented/CutPaste pairs encoded once for training",
+    )
+    val_pool_size: int = Field(
+        default=foundad_defaults.VAL_POOL_SIZE,
+        ge=1,
+        description="FoundAD: held-out synthetic pairs for early stopping",
+    )
+    patience: int = Field(
+        default=foundad_defaults.PATIENCE, ge=1, description="FoundAD: epochs without improvement"
+    )
+    top_k: int = Field(
+        default=foundad_defaults.TOP_K, ge=1, description="FoundAD: patches averaged into the score"
+    )
+
+    def config(self, model: ModelSettings, scoring: ScoringSettings, seed: int):
+        """The core's ``FoundADConfig`` for these settings (precision, device, map sigma from
+        the model and scoring settings)."""
+        from .foundad.config import FoundADConfig
+        from .foundad.scoring import ScoringConfig
+        from .foundad.training import TrainingConfig
+
+        training = TrainingConfig(
+            max_epochs=self.max_epochs,
+            max_seconds=self.max_seconds,
+            pool_size=self.pool_size,
+            val_pool_size=self.val_pool_size,
+            patience=self.patience,
+            precision=model.precision,
+            device=model.device,
+            seed=seed,
+        )
+        score = ScoringConfig(
+            top_k=self.top_k,
+            map_sigma=scoring.sigma,
+            precision=model.precision,
+            device=model.device,
+        )
+        return FoundADConfig(training=training, scoring=score)
 
 
 class ScoringSettings(_Frozen):

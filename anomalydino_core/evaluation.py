@@ -8,6 +8,7 @@ loading the backbone and writing the outputs is ``tasks/evaluation.py``.
 from __future__ import annotations
 
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +17,13 @@ import numpy as np
 import pandas as pd
 
 from .augment import AGNOSTIC_ANGLES, bank_angles, rotate_image
-from .config import ModelSettings, Preprocess, ScoringSettings
+from .choices import Method
+from .config import FoundADSettings, ModelSettings, Preprocess, ScoringSettings
 from .datasets import INFORMED_SETTINGS, MVTecCategory, TestItem
 from .features import PatchFeatureExtractor
 from .few_shot import FewShotScorer
+from .foundad.evaluation import Measure, train_and_score, unmeasured
+from .foundad.features import embed_with_foundad
 from .masking import (
     MASKING_RULE,
     TESTED_REFERENCES,
@@ -47,6 +51,18 @@ class EvaluationRequest:
     preprocess: Preprocess = "agnostic"
     model: ModelSettings = field(default_factory=ModelSettings)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    methods: tuple[Method, ...] = ("knn",)  # knn and/or foundad, on the same features
+    foundad: FoundADSettings = field(default_factory=FoundADSettings)
+
+
+def parse_methods(text: str) -> tuple[Method, ...]:
+    """'knn', 'foundad' or 'knn,foundad' (both on the same backbone pass)."""
+    known = typing.get_args(Method)
+    out = tuple(m.strip().lower() for m in str(text).split(",") if m.strip())
+    bad = [m for m in out if m not in known]
+    if bad or not out:
+        raise ValueError(f"bad method {bad or text!r}: use {', '.join(known)} or a comma list")
+    return tuple(dict.fromkeys(out))  # type: ignore[return-value]
 
 
 def parse_shots(text: str) -> tuple[int | None, ...]:
@@ -116,11 +132,14 @@ def evaluate_category(
     extractor: PatchFeatureExtractor,
     read_reference: Callable[[Path], np.ndarray],
     log: Log,
+    measure: Measure = unmeasured,
 ) -> pd.DataFrame:
-    """Evaluate one category; returns one row per shots x seed with every metric.
+    """Evaluate one category; returns one row per method x shots x seed with every metric.
 
     ``read_reference(path)`` decodes one of ``category.train_good`` (called once per reference
-    a run uses); everything else arrives decoded in ``test``.
+    a run uses); everything else arrives decoded in ``test``. FoundAD trains one projector per
+    shots x seed (seeded by it) on the same references the kNN bank uses, with CutPaste on the
+    foreground when the masking decision is on; ``measure`` reports its peak memory.
     """
     model, scoring = request.model, request.scoring
     masking_mode, rotate = preprocess_plan(request.preprocess, category.name, scoring.masking)
@@ -133,10 +152,17 @@ def evaluate_category(
 
     progress = _Progress(log, "embedding test images", len(images))
     test_grids: list[np.ndarray] = []
+    test_tokens: list[np.ndarray] = []  # FoundAD's layer, from the same pass
+    with_foundad = "foundad" in request.methods
     t0 = time.perf_counter()
     step = max(1, extractor.batch_size)
     for start in range(0, len(images), step):
-        test_grids.extend(extractor.embed(images[start : start + step]))
+        if with_foundad:
+            grids, tokens = embed_with_foundad(extractor, images[start : start + step])
+            test_grids.extend(grids)
+            test_tokens.extend(tokens)
+        else:
+            test_grids.extend(extractor.embed(images[start : start + step]))
         progress.step(min(step, len(images) - start))
     embed_ms = 1000.0 * (time.perf_counter() - t0) / len(images)
     threshold = backbone.spec.mask_threshold
@@ -166,6 +192,10 @@ def evaluate_category(
         "preprocess": request.preprocess,
         "image_score": scoring.image_score,
         "n_test_images": len(items),
+        "train_seconds": float("nan"),
+        "train_epochs": 0,
+        "stopped_by": "",
+        "train_peak_rss_gb": float("nan"),
         "n_unreadable": len(read_errors),
         "embed_ms_per_image": embed_ms,
     }
@@ -220,31 +250,69 @@ def evaluate_category(
                 score_ms = 1000.0 * (time.perf_counter() - t1) / len(items)
                 scores = np.array([r.score for r in results])
                 maps_iter = [r.anomaly_map for r in results]
-            row = dict(
+            common = dict(
                 base,
                 shots=label,
                 seed=seed,
-                bank_patches=bank,
                 masking=use_mask,
                 masking_reason=decision_reason,
                 masking_rule=MASKING_RULE,
-                score_ms_per_image=score_ms,
             )
-            row.update(_metrics(scores, labels, maps_iter, gt_masks))
-            rows.append(row)
-            log(
-                f"{label}-shot seed {seed}: image AUROC {row['image_auroc']:.4f}"
-                + (f", AU-PRO {row['pixel_aupro']:.4f}" if gt_masks is not None else "")
-            )
+            if "knn" in request.methods or shots == 0:
+                row = dict(common, method="knn", bank_patches=bank, score_ms_per_image=score_ms)
+                rows.append(_scored(row, scores, labels, maps_iter, gt_masks, log))
+            if with_foundad and shots != 0:
+                run = train_and_score(
+                    [ref_images[p] for p in refs],
+                    [foreground_mask(ref_cache[(p, 0)], threshold=threshold) for p in refs]
+                    if use_mask
+                    else None,
+                    test_tokens,
+                    sizes,
+                    extractor,
+                    request.foundad.config(model, scoring, seed),
+                    label=f"{label}-shot seed {seed}: ",
+                    log=log,
+                    measure=measure,
+                )
+                row = dict(
+                    common,
+                    method="foundad",
+                    bank_patches=0,
+                    score_ms_per_image=run.score_ms_per_image,
+                    train_seconds=run.train_seconds,
+                    train_epochs=run.train_epochs,
+                    stopped_by=run.stopped_by,
+                    train_peak_rss_gb=run.peak_rss_gb,
+                )
+                rows.append(_scored(row, run.scores, labels, run.maps, gt_masks, log))
     return pd.DataFrame(rows)
 
 
-def _metrics(scores, labels, maps, gt_masks) -> dict:
+def _scored(row: dict, scores, labels, maps, gt_masks, log: Log) -> dict:
+    # kNN maps are cosine distances in [0, 2]; FoundAD's squared errors are unbounded, so the
+    # pixel metrics bin them over their own range (65,536 bins either way)
+    if row["method"] == "knn":
+        score_range = (0.0, 2.0)
+    else:
+        maps = list(maps)
+        score_range = (0.0, max(float(np.nanmax(m)) for m in maps) * (1 + 1e-6) or 1.0)
+    row.update(_metrics(scores, labels, maps, gt_masks, score_range))
+    log(
+        f"{row['shots']}-shot seed {row['seed']} {row['method']}: image AUROC "
+        f"{row['image_auroc']:.4f}"
+        + (f", AU-PRO {row['pixel_aupro']:.4f}" if gt_masks is not None else "")
+        + (f", trained in {row['train_seconds']:.0f}s" if row["method"] == "foundad" else "")
+    )
+    return row
+
+
+def _metrics(scores, labels, maps, gt_masks, score_range=(0.0, 2.0)) -> dict:
     out = {c: float("nan") for c in METRIC_COLUMNS}
     im = image_metrics(scores, labels)
     out.update(image_auroc=im.auroc, image_ap=im.ap, image_f1_max=im.f1_max)
     if gt_masks is not None:
-        acc = PixelMetricAccumulator()
+        acc = PixelMetricAccumulator(score_range)
         for amap, gt in zip(maps, gt_masks, strict=True):
             acc.add(amap, gt)
         pm = acc.compute()
@@ -274,15 +342,19 @@ def _zero_shot(grids, fgs, sizes, masking_mode, threshold, scoring: ScoringSetti
 def summary_table(df: pd.DataFrame) -> str:
     """Markdown: mean +- std over seeds per shots, in %, like the paper's per-category tables."""
     lines = []
-    for cat, group in df.groupby("category", sort=False):
+    if "method" not in df.columns:  # tables written before FoundAD
+        df = df.assign(method="knn")
+    for (cat, method), group in df.groupby(["category", "method"], sort=False):
         first = group.iloc[0]
         lines.append(
-            f"### {cat} — {first['backbone']} @ {first['resolution']}px, "
+            f"### {cat} — {method}, {first['backbone']} @ {first['resolution']}px, "
             f"preprocess {first['preprocess']}, {first['precision']}"
         )
         lines.append("")
         cols = [c for c in METRIC_COLUMNS if group[c].notna().any()]
+        trained = method == "foundad"
         header = ["shots", "seeds", *cols, "embed ms/img", "score ms/img"]
+        header += ["train s", "train peak GiB"] if trained else []
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for shots, g in group.groupby("shots", sort=False):
@@ -293,6 +365,9 @@ def summary_table(df: pd.DataFrame) -> str:
                 cells.append(f"{vals.mean():.1f} ± {std:.1f}")
             cells.append(f"{g['embed_ms_per_image'].mean():.1f}")
             cells.append(f"{g['score_ms_per_image'].mean():.1f}")
+            if trained:
+                cells.append(f"{g['train_seconds'].mean():.0f}")
+                cells.append(f"{g['train_peak_rss_gb'].max():.2f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -34,7 +34,7 @@ def _check_weights(model) -> None:
 
 def _evaluate(args) -> int:
     from anomalydino_core.backbones import WeightsUnavailableError
-    from anomalydino_core.evaluation import EvaluationRequest, parse_shots
+    from anomalydino_core.evaluation import EvaluationRequest, parse_methods, parse_shots
     from flows.settings_cli import load_settings
     from tasks.evaluation import write_outputs
 
@@ -47,6 +47,8 @@ def _evaluate(args) -> int:
         preprocess=args.preprocess,
         model=settings.model,
         scoring=settings.scoring,
+        methods=parse_methods(args.method),
+        foundad=settings.foundad,
     )
     t0 = time.perf_counter()
     try:
@@ -78,9 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="agnostic",
         help="agnostic: rotations + masking test; informed: the paper's per-category choice",
     )
+    ev.add_argument(
+        "--method",
+        default="knn",
+        help="knn (AnomalyDINO), foundad (a trained projector per shots x seed) or knn,foundad "
+        "(both on the same backbone pass)",
+    )
     ev.add_argument("--out", default="runs/evaluate")
     # the model and scoring settings of the pipeline; rotation comes from --preprocess here
-    add_settings_flags(ev, ("model", "scoring"), exclude=EVALUATE_EXCLUDES)
+    add_settings_flags(ev, ("model", "scoring", "foundad"), exclude=EVALUATE_EXCLUDES)
     ev.set_defaults(func=_evaluate, preflight=lambda a: _check_weights(load_settings(a).model))
 
     from flows.commands import add_subcommands

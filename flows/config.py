@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from anomalydino_core.choices import MaskingMode, Rotation
-from anomalydino_core.config import ModelSettings, ScoringSettings
+from anomalydino_core.config import FoundADSettings, ModelSettings, ScoringSettings
 from tasks.layout import Layout, check_name
 from tasks.storage import (
     CREDENTIALS_HINT,
@@ -169,6 +169,7 @@ class PipelineConfig(_Frozen):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)
+    foundad: FoundADSettings = Field(default_factory=FoundADSettings)
     thresholds: ThresholdSettings = Field(default_factory=ThresholdSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     products: dict[str, ProductSettings] = Field(default_factory=dict)

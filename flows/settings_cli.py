@@ -22,7 +22,9 @@ from pydantic_core import PydanticUndefined
 from flows.config import PipelineConfig
 
 TOP_LEVEL = ("root", "incoming", "references")
-PIPELINE_SECTIONS = ("model", "scoring", "thresholds", "runtime", "storage")
+PIPELINE_SECTIONS = ("model", "scoring", "foundad", "thresholds", "runtime", "storage")
+#: sections whose flags carry the section's name (``foundad.max_epochs`` -> --foundad-max-epochs)
+PREFIXED_SECTIONS = frozenset({"foundad"})
 
 
 def section_model(section: str) -> type[BaseModel]:
@@ -51,7 +53,11 @@ def _default_text(field: FieldInfo) -> str:
     return "empty" if field.default_factory is not None else "required"
 
 
-def flag_name(name: str) -> str:
+def flag_name(path: str) -> str:
+    """``model.batch_size`` -> ``--batch-size``; ``foundad.top_k`` -> ``--foundad-top-k``."""
+    section, _, name = path.rpartition(".")
+    if section in PREFIXED_SECTIONS:
+        name = f"{section}_{name}"
     return "--" + name.replace("_", "-")
 
 
@@ -100,7 +106,7 @@ def add_settings_flags(
                 options["choices"] = choices
             else:
                 options["metavar"] = name.split("_")[-1].upper()
-        groups[section].add_argument(flag_name(name), **options)
+        groups[section].add_argument(flag_name(path), **options)
 
 
 def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -131,9 +137,9 @@ def settings_table() -> str:
         "| config key | flag | default | meaning |",
         "|---|---|---|---|",
     ]
-    for path, name, field, _, choices in _fields(PIPELINE_SECTIONS, frozenset()):
+    for path, _, field, _, choices in _fields(PIPELINE_SECTIONS, frozenset()):
         meaning = field.description or ""
         if choices:
             meaning = f"{meaning}; one of {', '.join(map(str, choices))}".lstrip("; ")
-        lines.append(f"| `{path}` | `{flag_name(name)}` | `{_default_text(field)}` | {meaning} |")
+        lines.append(f"| `{path}` | `{flag_name(path)}` | `{_default_text(field)}` | {meaning} |")
     return "\n".join(lines) + "\n"

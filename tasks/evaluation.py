@@ -4,9 +4,13 @@ protocol (``anomalydino_core.evaluation.evaluate_category``), write metrics.parq
 from __future__ import annotations
 
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pandas as pd
+import psutil
 import torch
 
 from anomalydino_core.cpu import set_threads
@@ -21,6 +25,8 @@ from tasks.datasets import load_mvtec_category, read_test_split
 from tasks.image_files import read_image
 from tasks.models import build_extractor
 from tasks.weights import RemoteFetcher, load_backbone
+
+T = TypeVar("T")
 
 
 def run_evaluation(
@@ -48,7 +54,31 @@ def run_evaluation(
         f"{model.resolution}px, preprocess {request.preprocess}"
     )
     test = read_test_split(category, log)
-    return evaluate_category(request, category, test, extractor, read_image, log)
+    return evaluate_category(
+        request, category, test, extractor, read_image, log, measure=peak_rss_during
+    )
+
+
+def peak_rss_during(fn: Callable[[], T]) -> tuple[T, float]:
+    """(fn(), the peak resident memory of this process in GiB while fn ran), sampled every
+    20 ms by a thread (``ru_maxrss`` only knows the whole process's lifetime peak)."""
+    process = psutil.Process()
+    peak = process.memory_info().rss
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.02):
+            peak = max(peak, process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, name="peak-rss", daemon=True)
+    sampler.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        sampler.join()
+    return result, max(peak, process.memory_info().rss) / 2**30
 
 
 def write_outputs(df: pd.DataFrame, out_dir: str | Path) -> tuple[Path, Path, str]:

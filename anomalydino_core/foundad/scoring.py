@@ -18,6 +18,7 @@ import torch
 from ..features import Precision, resolve_precision, select_device
 from ..scoring import MAP_SIGMA
 from ..scoring import anomaly_map as _smoothed_map
+from . import defaults
 from .projector import ManifoldProjector
 
 
@@ -28,7 +29,7 @@ class ScoringConfig:
     projector pass (``auto``: bf16 where the CPU or GPU runs it natively, as the features);
     ``batch_size``: images per projector call."""
 
-    top_k: int = 10
+    top_k: int = defaults.TOP_K
     map_sigma: float = MAP_SIGMA
     precision: Precision = "auto"
     device: str = "auto"
@@ -70,7 +71,7 @@ def patch_errors(
     return np.concatenate(out) if out else np.zeros(tokens.shape[:3], np.float32)
 
 
-def image_score(errors: np.ndarray, top_k: int = 10) -> float:
+def image_score(errors: np.ndarray, top_k: int = defaults.TOP_K) -> float:
     """Mean of the ``top_k`` largest patch errors of one (h, w) grid (all of them if fewer)."""
     e = np.asarray(errors, dtype=np.float64).ravel()
     if e.size == 0:
@@ -79,7 +80,7 @@ def image_score(errors: np.ndarray, top_k: int = 10) -> float:
     return float(np.partition(e, e.size - k)[e.size - k :].mean())
 
 
-def image_scores(errors: np.ndarray, top_k: int = 10) -> np.ndarray:
+def image_scores(errors: np.ndarray, top_k: int = defaults.TOP_K) -> np.ndarray:
     """(B, h, w) patch errors -> (B,) float64 image scores."""
     return np.array([image_score(e, top_k) for e in errors], dtype=np.float64)
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..features import Precision, resolve_precision, select_device
+from . import defaults
 from .augmentation import FewShotAugmentConfig, few_shot_augment
 from .projector import ManifoldProjector, ProjectorConfig
 from .synthesis import CutPasteConfig, cutpaste_union
@@ -65,13 +66,15 @@ class TrainingConfig:
     input_dropout: float = 0.2
     p_cutpaste: float = 0.5  # per batch: CutPaste tokens as input, else the clean ones
     # cached pools: pairs encoded once (N training, M validation), encoder batch size
-    pool_size: int = 64
-    val_pool_size: int = 16
+    pool_size: int = defaults.POOL_SIZE
+    val_pool_size: int = defaults.VAL_POOL_SIZE
     encode_batch_size: int = 8
     # budget and early stopping (see the module docstring)
-    max_epochs: int = 14
-    max_seconds: float | None = 420.0  # None: epochs only (fully deterministic)
-    patience: int = 3  # epochs without a validation improvement of min_rel_improvement
+    max_epochs: int = defaults.MAX_EPOCHS
+    max_seconds: float | None = defaults.MAX_SECONDS  # None: epochs only (fully deterministic)
+    patience: int = (
+        defaults.PATIENCE
+    )  # epochs without a validation improvement of min_rel_improvement
     min_rel_improvement: float = 0.01
     # where and how
     precision: Precision = "auto"  # bf16 autocast where native (AVX512-BF16/AMX CPU, CUDA)

@@ -12,6 +12,7 @@ from flows.config import PipelineConfig
 from flows.settings_cli import (
     PIPELINE_SECTIONS,
     add_settings_flags,
+    flag_name,
     load_settings,
     section_model,
     settings_table,
@@ -33,7 +34,7 @@ def test_every_scalar_setting_has_a_flag_with_the_models_choices() -> None:
             if name == "client_kwargs":  # a mapping: config file only
                 continue
             action = flags[f"{section}.{name}"]
-            assert action.option_strings[0] == "--" + name.replace("_", "-")
+            assert action.option_strings[0] == flag_name(f"{section}.{name}")
             if action.choices is not None:
                 assert tuple(action.choices) == tuple(field.annotation.__args__)
 

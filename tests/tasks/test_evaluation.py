@@ -25,3 +25,21 @@ def test_one_shot_bottle_meets_the_bars(mvtec_root):
     assert row["image_auroc"] >= 0.998, row["image_auroc"]
     assert row["pixel_aupro"] >= 0.960, row["pixel_aupro"]
     assert row["backbone"] == "efficientnet_lite0" and len(row["weights_sha256"]) == 64
+
+
+def test_peak_rss_during_sees_a_temporary_allocation():
+    import numpy as np
+
+    from tasks.evaluation import peak_rss_during
+
+    def allocate() -> int:
+        block = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+        import time
+
+        time.sleep(0.2)
+        return int(block.size)
+
+    _, before = peak_rss_during(lambda: 0)
+    size, peak = peak_rss_during(allocate)
+    assert size == 400 * 2**20 // 8
+    assert peak - before > 0.3, (before, peak)  # GiB

@@ -7,8 +7,10 @@ from dataclasses import replace
 
 import pytest
 
-from anomalydino_core.foundad import FoundADConfig, ScoringConfig, TrainingConfig
+from anomalydino_core.foundad.config import FoundADConfig
+from anomalydino_core.foundad.scoring import ScoringConfig
 from anomalydino_core.foundad.synthesis import CutPasteConfig
+from anomalydino_core.foundad.training import TrainingConfig
 
 
 def test_json_round_trip_keeps_nested_dataclasses_and_tuples():
