@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	# the authors' DINOv2 code, for the parity test only (code, no dependencies)
 	$(BIN)/pip install -q --no-deps "dinov2==0.0.1.dev2"
+	# anomalib 2.7.0's source (no dependencies, never imported by the project) into
+	# .data/anomalib-2.7.0, for the FoundAD projector parity test only
+	$(BIN)/python -m tests.core.foundad.anomalib_source
 	touch $(STAMP)
 
 venv: $(STAMP)
