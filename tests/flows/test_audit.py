@@ -283,7 +283,7 @@ def test_page_metadata_and_prefect_artifacts(audited) -> None:
     assert Path(second.html_uri).as_uri() in link.data
 
 
-def test_report_command_rebuilds_a_stored_page(audited, capsys) -> None:
+def test_report_command_rebuilds_a_stored_page(audited, capsys, monkeypatch) -> None:
     from flows.cli import main
 
     cfg, first, _ = audited
@@ -295,6 +295,14 @@ def test_report_command_rebuilds_a_stored_page(audited, capsys) -> None:
     before = page.stat().st_mtime_ns
     assert main(["report", str(page), "--root", cfg.root]) == 0  # the page's own path
     assert main(["report", first.report_uri, "--json"]) == 0  # the report's URI
+    import webbrowser
+
+    def no_browser():
+        raise webbrowser.Error("could not locate runnable browser")
+
+    monkeypatch.setattr(webbrowser, "get", no_browser)
+    assert main(["report", first.run_id[:20], "--root", cfg.root, "--open"]) == 0  # a prefix
+    assert f"no browser available here; open {page.as_uri()}" in capsys.readouterr().out
     assert page.stat().st_mtime_ns > before
     capsys.readouterr()
     assert main(["report", "20000101T000000Z-deadbeef", "--root", cfg.root]) == 2

@@ -229,6 +229,28 @@ def test_missing_source_and_overlay_are_named_not_fatal(runs: Runs, tmp_path: Pa
     check_links_stay_inside(page, html)
 
 
+def test_without_thumbnails_or_map_archive_the_full_pngs_are_decoded(
+    runs: Runs, tmp_path: Path
+) -> None:
+    """A report without ``thumbs_uri`` and ``maps_uri`` (an older run): every card's image is
+    decoded from its source and its overlay from the overlay PNG; the page is the same."""
+    table = pq.read_table(runs.audit_report)
+    meta = json.loads(table.schema.metadata[b"anomalydino"])
+    assert meta["thumbs_uri"] and meta["maps_uri"]
+    del meta["thumbs_uri"], meta["maps_uri"]
+    report = tmp_path / Path(runs.audit_report).name
+    pq.write_table(
+        table.replace_schema_metadata(
+            {**table.schema.metadata, b"anomalydino": json.dumps(meta).encode()}
+        ),
+        report,
+    )
+    html = Path(write_lot_report(str(report)))
+    page = Page(html.read_text())
+    assert len(page.all("img")) == 7 and "anomaly map only" not in page.plain
+    check_links_stay_inside(page, html)
+
+
 def test_run_without_threshold_or_rows(tmp_path: Path) -> None:
     """An empty shipment screened without a threshold still gets a page."""
     meta = {"product": "bottle", "lot": "empty", "run_id": "r1", "method": "zero_shot",
