@@ -12,6 +12,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -111,18 +112,35 @@ def preprocess_plan(preprocess: Preprocess, category: str, masking: str) -> tupl
     raise ValueError(f"unknown preprocess {preprocess!r}")
 
 
-class _Progress:
-    def __init__(self, log: Log, label: str, total: int) -> None:
+class ProgressTracker(Protocol):
+    """Counts units of work done (the CLI's bar, ``flows/progress.py``, is one)."""
+
+    def update(self, n: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+#: start_progress(total, what) -> a tracker of ``total`` units
+StartProgress = Callable[[int, str], ProgressTracker]
+
+
+class LoggedProgress:
+    """The default tracker: a ``log`` line at most every 5 s and at the end."""
+
+    def __init__(self, log: Log, total: int, label: str) -> None:
         self.log, self.label, self.total = log, label, total
         self.done, self.t0, self.last = 0, time.perf_counter(), 0.0
 
-    def step(self, n: int = 1) -> None:
+    def update(self, n: int = 1) -> None:
         self.done += n
         now = time.perf_counter()
         if now - self.last > 5.0 or self.done == self.total:
             self.last = now
             rate = self.done / max(now - self.t0, 1e-9)
             self.log(f"  {self.label}: {self.done}/{self.total} ({rate:.1f}/s)")
+
+    def close(self) -> None:
+        pass
 
 
 def evaluate_category(
@@ -133,6 +151,7 @@ def evaluate_category(
     read_reference: Callable[[Path], np.ndarray],
     log: Log,
     measure: Measure = unmeasured,
+    start_progress: StartProgress | None = None,
 ) -> pd.DataFrame:
     """Evaluate one category; returns one row per method x shots x seed with every metric.
 
@@ -150,7 +169,8 @@ def evaluate_category(
     labels = np.array([it.label for it in items])
     gt_masks = test.masks
 
-    progress = _Progress(log, "embedding test images", len(images))
+    start_progress = start_progress or (lambda total, what: LoggedProgress(log, total, what))
+    progress = start_progress(len(images), "embedding test images")
     test_grids: list[np.ndarray] = []
     test_tokens: list[np.ndarray] = []  # FoundAD's layer, from the same pass
     with_foundad = "foundad" in request.methods
@@ -163,7 +183,8 @@ def evaluate_category(
             test_tokens.extend(tokens)
         else:
             test_grids.extend(extractor.embed(images[start : start + step]))
-        progress.step(min(step, len(images) - start))
+        progress.update(min(step, len(images) - start))
+    progress.close()
     embed_ms = 1000.0 * (time.perf_counter() - t0) / len(images)
     threshold = backbone.spec.mask_threshold
     test_fg = [foreground_mask(g, threshold=threshold) for g in test_grids]

@@ -17,6 +17,7 @@ from anomalydino_core.cpu import set_threads
 from anomalydino_core.evaluation import (
     EvaluationRequest,
     Log,
+    StartProgress,
     evaluate_category,
     preprocess_plan,
     summary_table,
@@ -30,7 +31,10 @@ T = TypeVar("T")
 
 
 def run_evaluation(
-    request: EvaluationRequest, log: Log | None = None, fetch_remote: RemoteFetcher | None = None
+    request: EvaluationRequest,
+    log: Log | None = None,
+    fetch_remote: RemoteFetcher | None = None,
+    start_progress: StartProgress | None = None,
 ) -> pd.DataFrame:
     """Evaluate one category; returns one row per shots x seed with every metric.
 
@@ -55,7 +59,14 @@ def run_evaluation(
     )
     test = read_test_split(category, log)
     return evaluate_category(
-        request, category, test, extractor, read_image, log, measure=peak_rss_during
+        request,
+        category,
+        test,
+        extractor,
+        read_image,
+        log,
+        measure=peak_rss_during,
+        start_progress=start_progress,
     )
 
 

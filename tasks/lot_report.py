@@ -115,7 +115,9 @@ class _Writer:
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="lot-report")
 
     def _write(self, rel: str, data: bytes, shape: tuple[int, ...], note: str | None) -> Picture:
-        atomic_write_bytes(f"{self.files_uri}/{rel}", data, self.storage)
+        # pictures are rebuilt with the page (anomalydino report): no fsync each; the page
+        # itself, written last, is durable
+        atomic_write_bytes(f"{self.files_uri}/{rel}", data, self.storage, durable=False)
         link = f"{self.link_base}/{quote(rel)}"
         return Picture(link, int(shape[1]), int(shape[0]), note)
 

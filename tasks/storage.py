@@ -185,8 +185,15 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
-def atomic_write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
-    """Write ``data`` to ``uri`` so that no reader ever sees a partial object."""
+def atomic_write_bytes(
+    uri: str, data: bytes, storage: StorageConfig | None = None, *, durable: bool = True
+) -> None:
+    """Write ``data`` to ``uri`` so that no reader ever sees a partial object.
+
+    ``durable=False`` skips the local fsync (the rename stays atomic): for files that are
+    rebuilt on demand (the lot page's pictures: ``anomalydino report``), where a power cut may
+    cost the file but never a record. Object stores are durable on write either way.
+    """
     payload = bytes(data)
     if is_local(uri):
         target = local_path(uri)
@@ -196,7 +203,8 @@ def atomic_write_bytes(uri: str, data: bytes, storage: StorageConfig | None = No
             with os.fdopen(fd, "wb") as fh:
                 fh.write(payload)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if durable:
+                    os.fsync(fh.fileno())
             os.chmod(tmp, 0o644)
             os.replace(tmp, target)
         except BaseException:
