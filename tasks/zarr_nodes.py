@@ -147,8 +147,17 @@ def _json(obj: Mapping[str, Any]) -> bytes:
 
 
 async def _set_all(store: Any, files: Files) -> None:
+    """Write every object of one step and wait for all of them, also when one fails: a write
+    still in flight after the failure would re-create the folder that the caller's clean-up
+    (``remove_quietly``) has just removed (a node without metadata, seen 1 run in 6)."""
     buffer = default_buffer_prototype().buffer
-    await asyncio.gather(*(store.set(key, buffer.from_bytes(b)) for key, b in files.items()))
+    results = await asyncio.gather(
+        *(store.set(key, buffer.from_bytes(b)) for key, b in files.items()),
+        return_exceptions=True,
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 def write_steps(store: Any, steps: Sequence[Files]) -> None:
