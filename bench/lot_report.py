@@ -10,7 +10,8 @@
    - ``before``: what the renderer did first, every flagged image's full-size source PNG and
      overlay PNG decoded (the report's metadata without ``thumbs_uri`` and ``maps_uri``);
    - ``no thumbnails``: the source PNG decoded, the overlay blended from the downscaled map;
-   - ``after``: the run's stored thumbnails copied, overlays blended from them and the map.
+   - ``after``: the run's stored image and overlay thumbnails copied (the overlay blended from
+     the image thumbnail and the map only where a run stored none).
 3. The thumbnails' own cost inside the scoring task (resize + JPEG + write of an image that is
    decoded anyway), per flagged image.
 """

@@ -44,7 +44,15 @@ from tasks.lot_report_data import (
 )
 from tasks.report import read_report, report_metadata
 from tasks.storage import StorageConfig, atomic_write_bytes, read_bytes
-from tasks.thumbnails import THUMB_EDGE, decode_jpeg, fit, fit_map, jpeg, thumb_uri
+from tasks.thumbnails import (
+    THUMB_EDGE,
+    decode_jpeg,
+    fit,
+    fit_map,
+    jpeg,
+    overlay_thumb_uri,
+    thumb_uri,
+)
 
 TEMPLATES = Path(__file__).parent / "templates"
 REF_EDGE = 160
@@ -140,6 +148,19 @@ class _Writer:
         except Exception:  # none written (an older run, a reused overlay): decode the source
             return None
 
+    def _stored_overlay(self, rel: str, image_id: str, edge: int) -> Picture | None:
+        """The overlay thumbnail the scoring task rendered on the run's scale, as it is."""
+        if not self.thumbs_uri:
+            return None
+        try:
+            data = read_bytes(overlay_thumb_uri(self.thumbs_uri, image_id), self.storage)
+            rgb = decode_jpeg(data)
+        except Exception:  # none written (an older run): blend it from the map
+            return None
+        if max(rgb.shape[:2]) > edge:
+            return None
+        return self._write(rel, data, rgb.shape, None)
+
     def _image(
         self, rel: str, uri: str | None, edge: int, name: str, image_id: str | None = None
     ) -> tuple[np.ndarray | None, Picture]:
@@ -173,6 +194,9 @@ class _Writer:
         """The overlay on the lot's scale: the small image blended with the downscaled map; the
         map alone when the image is gone; the overlay PNG when the map cannot be read."""
         iid = row["image_id"]
+        stored = self._stored_overlay(rel, iid, edge)
+        if stored is not None:
+            return stored
         try:
             amap = self._map(iid)
         except Exception as exc:

@@ -5,6 +5,7 @@ previous run when provably identical, or skipped with a warning when the source 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from tasks.report import ReportRow
 from tasks.retry import run_logger, with_storage_retries
 from tasks.run_context import TASK_OPTIONS, RunContext, make_row
 from tasks.storage import PERMANENT_ERRORS, StorageConfig, copy_object
-from tasks.thumbnails import thumb_uri, write_thumbnail
+from tasks.thumbnails import overlay_thumb_uri, thumb_uri, write_thumbnail
 
 
 def _write_overlay(
@@ -41,17 +42,22 @@ def _write_overlay(
         lambda: write_overlay_png(target, image, amap, scale[0], scale[1], storage),
         what=f"write {target}",
     )
-    _write_thumbnail(ctx, image_id, image, storage)
+    _write_thumbnail(ctx, image_id, image, storage, (amap, scale))
 
 
 def _write_thumbnail(
-    ctx: RunContext, image_id: str, image: np.ndarray, storage: StorageConfig
+    ctx: RunContext,
+    image_id: str,
+    image: np.ndarray,
+    storage: StorageConfig,
+    overlay: tuple[np.ndarray, tuple[float, float]] | None = None,
 ) -> None:
-    """The flagged image's thumbnail for the lot page, while it is decoded; a failure only
-    costs the page a slower path (it decodes the source again)."""
+    """The flagged image's thumbnails (image, and overlay given its map and scale) for the lot
+    page, while it is decoded; a failure only costs the page a slower path (it decodes the
+    source again, or blends the overlay from the map)."""
     try:
         with_storage_retries(
-            lambda: write_thumbnail(ctx.thumbs_uri, image_id, image, storage),
+            lambda: write_thumbnail(ctx.thumbs_uri, image_id, image, storage, overlay),
             what=f"write the thumbnail of {image_id}",
         )
     except Exception as exc:
@@ -158,6 +164,12 @@ def _copy_thumbnail(
     try:
         if thumbs_uri:
             with_storage_retries(lambda: copy_object(src, dst, storage), what=f"copy {src}")
+            # the overlay is the previous one (same map, same scale): so is its thumbnail
+            osrc = overlay_thumb_uri(thumbs_uri, image_id)
+            odst = overlay_thumb_uri(ctx.thumbs_uri, image_id)
+            # an older run without one: the page blends it from the map
+            with contextlib.suppress(Exception):
+                copy_object(osrc, odst, storage)
             return
     except Exception:
         pass

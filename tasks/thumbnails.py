@@ -1,6 +1,6 @@
 """Small JPEG thumbnails of flagged images, written by the scoring tasks while the image is still
 decoded (``<run maps>/thumbs/<image key>.jpg``): the lot page (``tasks.lot_report``) then copies
-them and blends their overlay from the downscaled anomaly map, instead of decoding every
+them (and the overlay thumbnails rendered beside them, on the run's colour scale) instead of decoding every
 full-size source and overlay PNG again."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from anomalydino_core.overlays import render_overlay
 from tasks.embedding_store import image_key
 from tasks.storage import StorageConfig, atomic_write_bytes, join
 
@@ -18,6 +19,12 @@ JPEG_QUALITY = 85
 def thumb_uri(thumbs_uri: str, image_id: str) -> str:
     """Where the thumbnail of ``image_id`` is, under a run's ``thumbs`` folder."""
     return join(thumbs_uri, f"{image_key(image_id)}.jpg")
+
+
+def overlay_thumb_uri(thumbs_uri: str, image_id: str) -> str:
+    """Where the overlay thumbnail of ``image_id`` is (the image blended with its map on the
+    run's colour scale, rendered by the scoring task next to the full-size overlay)."""
+    return join(thumbs_uri, "overlays", f"{image_key(image_id)}.jpg")
 
 
 def fit(rgb: np.ndarray, edge: int) -> np.ndarray:
@@ -58,9 +65,19 @@ def decode_jpeg(data: bytes) -> np.ndarray:
 
 
 def write_thumbnail(
-    thumbs_uri: str, image_id: str, rgb: np.ndarray, storage: StorageConfig | None
+    thumbs_uri: str,
+    image_id: str,
+    rgb: np.ndarray,
+    storage: StorageConfig | None,
+    overlay: tuple[np.ndarray, tuple[float, float]] | None = None,
 ) -> str:
-    """Write the thumbnail of a decoded image; returns its URI."""
+    """Write the thumbnail of a decoded image and, given ``(anomaly map, colour scale)``, the
+    thumbnail of its overlay; returns the image thumbnail's URI."""
+    small = fit(rgb, THUMB_EDGE)
     uri = thumb_uri(thumbs_uri, image_id)
-    atomic_write_bytes(uri, jpeg(fit(rgb, THUMB_EDGE)), storage)
+    atomic_write_bytes(uri, jpeg(small), storage)
+    if overlay is not None:
+        amap, (vmin, vmax) = overlay
+        blended = render_overlay(small, fit_map(amap, small.shape[:2]), vmin, vmax)
+        atomic_write_bytes(overlay_thumb_uri(thumbs_uri, image_id), jpeg(blended), storage)
     return uri
