@@ -12,7 +12,10 @@ import torch.nn.functional as F
 
 from .backbones import LoadedBackbone, PreprocessConfig
 from .choices import ComputePrecision, Precision
+from .config import ModelSettings
 from .cpu import cpu_has_fast_bf16
+
+_DEFAULTS = ModelSettings()  # the library takes the settings model's defaults
 
 
 def select_device(device: str = "auto") -> torch.device:
@@ -92,10 +95,10 @@ class PatchFeatureExtractor:
         self,
         backbone: LoadedBackbone,
         *,
-        resolution: int = 448,
-        precision: Precision = "auto",
-        device: str = "auto",
-        batch_size: int = 8,
+        resolution: int = _DEFAULTS.resolution,
+        precision: Precision = _DEFAULTS.precision,
+        device: str = _DEFAULTS.device,
+        batch_size: int = _DEFAULTS.batch_size,
     ) -> None:
         self.backbone = backbone
         self.device = select_device(device)

@@ -1,7 +1,7 @@
-"""Small JPEG thumbnails of flagged images, written by the scoring tasks while the image is still
-decoded (``<run maps>/thumbs/<image key>.jpg``): the lot page (``tasks.lot_report``) then copies
-them (and the overlay thumbnails rendered beside them, on the run's colour scale) instead of decoding every
-full-size source and overlay PNG again."""
+"""Small JPEG thumbnails of flagged images and of their overlays, written by the scoring tasks
+while the image and its map are in memory (``<run maps>/thumbs/<image key>.jpg`` and
+``thumbs/overlays/``, the overlay on the run's colour scale): the lot page (``tasks.lot_report``)
+copies them instead of decoding every full-size source and overlay PNG again."""
 
 from __future__ import annotations
 
