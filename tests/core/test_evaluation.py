@@ -43,12 +43,14 @@ def _disc(rng, defect: bool) -> tuple[np.ndarray, np.ndarray]:
     return img, mask
 
 
-def test_protocol_runs_on_arrays_and_decodes_each_reference_once(effnet):
+def _disc_category(per_kind: int, errors: list[str]):
+    """(references by path, the category, its decoded test split): 2 good references,
+    ``per_kind`` good and ``per_kind`` defective test discs (seeded)."""
     rng = np.random.default_rng(0)
     refs = {Path(f"disc/train/good/{i:03d}.png"): _disc(rng, False)[0] for i in range(2)}
     items, images, masks = [], [], []
     for kind in ("good", "spot"):
-        for i in range(3):
+        for i in range(per_kind):
             img, mask = _disc(rng, kind != "good")
             path = Path(f"disc/test/{kind}/{i:03d}.png")
             items.append(
@@ -57,7 +59,11 @@ def test_protocol_runs_on_arrays_and_decodes_each_reference_once(effnet):
             images.append(img)
             masks.append(mask)
     category = datasets.MVTecCategory("disc", Path("disc"), sorted(refs), items, has_masks=True)
-    test = DecodedTestSplit(items, images, masks, errors=["disc/test/good/x.png: empty file"])
+    return refs, category, DecodedTestSplit(items, images, masks, errors=errors)
+
+
+def test_protocol_runs_on_arrays_and_decodes_each_reference_once(effnet):
+    refs, category, test = _disc_category(3, errors=["disc/test/good/x.png: empty file"])
     reads: list[Path] = []
 
     def read_reference(path: Path) -> np.ndarray:
@@ -93,20 +99,7 @@ def test_knn_and_foundad_side_by_side_on_the_same_pass(effnet):
     """Both methods on one embedding of the test split: one row each per shots x seed, with the
     training cost on FoundAD's; the pixel metrics bin FoundAD's unbounded errors over their own
     range (on kNN's fixed [0, 2] they all fell in the last bin: pixel AUROC exactly 0.5)."""
-    rng = np.random.default_rng(0)
-    refs = {Path(f"disc/train/good/{i:03d}.png"): _disc(rng, False)[0] for i in range(2)}
-    items, images, masks = [], [], []
-    for kind in ("good", "spot"):
-        for i in range(4):
-            img, mask = _disc(rng, kind != "good")
-            path = Path(f"disc/test/{kind}/{i:03d}.png")
-            items.append(
-                datasets.TestItem(path, kind, None if kind == "good" else path.with_suffix(".m"))
-            )
-            images.append(img)
-            masks.append(mask)
-    category = datasets.MVTecCategory("disc", Path("disc"), sorted(refs), items, has_masks=True)
-    test = DecodedTestSplit(items, images, masks, errors=[])
+    refs, category, test = _disc_category(4, errors=[])
     tiny = FoundADSettings(max_epochs=2, max_seconds=None, pool_size=8, val_pool_size=4)
     request = EvaluationRequest(
         data=Path("never/read"),
