@@ -17,6 +17,7 @@ from .choices import (
     Precision,
     Preprocess,
     Rotation,
+    Scorer,
     Statistic,
 )
 from .foundad import defaults as foundad_defaults
@@ -142,6 +143,12 @@ class FoundADSettings(_Frozen):
 class ScoringSettings(_Frozen):
     """How patches are compared and aggregated (METHOD.md sections 2-4)."""
 
+    scorer: Scorer = Field(
+        default="knn",
+        description="few-shot scorer of audits and re-evaluations: knn (the memory bank), "
+        "foundad (a projector trained on the references, stored beside the bank) or both "
+        "(scores side by side; flagged when either flags); screening is always zero-shot kNN",
+    )
     masking: MaskingMode = Field(
         default="auto",
         description="auto: the masking test decides per product (the first 4 references in 8 "

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from anomalydino_core.choices import MaskingMode, Rotation
+from anomalydino_core.choices import MaskingMode, Rotation, Scorer
 from anomalydino_core.config import FoundADSettings, ModelSettings, ScoringSettings
 from tasks.layout import Layout, check_name
 from tasks.storage import (
@@ -95,6 +95,9 @@ class StorageSettings(_Frozen):
 class ProductSettings(_Frozen):
     """Per-product choices; ``None`` inherits the pipeline-wide ``scoring`` setting."""
 
+    scorer: Scorer | None = Field(
+        default=None, description="knn, foundad or both (else the pipeline-wide scoring.scorer)"
+    )
     masking: MaskingMode | None = None
     rotation: Rotation | None = Field(
         default=None, description="agnostic: 8 rotations of each reference; informed: none"
@@ -208,6 +211,7 @@ class PipelineConfig(_Frozen):
         update = {
             k: v
             for k, v in (
+                ("scorer", p.scorer),
                 ("masking", p.masking),
                 ("rotation", p.rotation),
                 ("mask_references", p.mask_references),
