@@ -8,6 +8,11 @@ scores against the full bank, so the threshold would hide real defects. With few
 threshold is derived: the run reports scores with the verdict ``no_threshold`` (never "normal")
 until the product config sets one.
 
+FoundAD (held-out normals): the projector's held-out validation pool holds augmented normal
+images it never trained on; the same formula over their image scores gives its threshold
+(``held_out_threshold``). It needs no second training, and works from one reference (the pool
+has ``val_pool_size`` images, 16 by default).
+
 Zero-shot screening: ratio x the low quantile of the shipment's own scores. It takes at least
 ``MIN_SCREENING_IMAGES`` scored images, so that the low decile is more than the minimum.
 """
@@ -28,7 +33,7 @@ class ThresholdDecision:
     """A threshold (None: none could be had), where it came from, and why."""
 
     value: float | None
-    source: str  # "config" | "reference_loo" | "shipment_low_decile" | "none"
+    source: str  # "config" | "reference_loo" | "foundad_held_out" | "shipment_low_decile" | "none"
     reason: str
 
 
@@ -68,14 +73,35 @@ def reference_threshold(
     )
 
 
+def held_out_threshold(
+    normal_scores: Sequence[float], *, sigmas: float, margin: float
+) -> ThresholdDecision:
+    """FoundAD's threshold from the image scores of its held-out augmented normals."""
+    n = len(normal_scores)
+    if n < MIN_LOO_REFERENCES:
+        return ThresholdDecision(
+            None,
+            "none",
+            f"{n} held-out normal image(s), at least {MIN_LOO_REFERENCES} are needed for a "
+            "threshold: raise foundad.val_pool_size or set the product's foundad_threshold",
+        )
+    value = loo_threshold(normal_scores, sigmas, margin)
+    return ThresholdDecision(
+        value,
+        "foundad_held_out",
+        f"max(max, mean + {sigmas:g} std) x {1 + margin:g} of the scores of {n} held-out "
+        "augmented normal images",
+    )
+
+
 def effective_threshold(
-    configured: float | None, derived: float | None
+    configured: float | None, derived: float | None, derived_source: str = "reference_loo"
 ) -> tuple[float | None, str]:
-    """(threshold, source): the product config's value wins over the leave-one-out one."""
+    """(threshold, source): the product config's value wins over the derived one."""
     if configured is not None:
         return float(configured), "config"
     if derived is not None:
-        return float(derived), "reference_loo"
+        return float(derived), derived_source
     return None, "none"
 
 

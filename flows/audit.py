@@ -12,7 +12,7 @@ from prefect import flow
 
 from anomalydino_core.overlays import overlay_scale
 from flows import leftovers
-from flows.banks import model_context, prepare_bank, reference_versions
+from flows.banks import model_context, prepare_bank, prepare_projector, reference_versions
 from flows.config import PipelineConfig
 from flows.progress import Progress, gather
 from flows.run import (
@@ -22,6 +22,7 @@ from flows.run import (
     finish_run,
     lot_items,
     open_map_archive,
+    threshold_reason,
 )
 from flows.runtime import (
     artifact_key,
@@ -55,7 +56,8 @@ def audit_lot(
     log = run_logger()
     mc = model_context(cfg, product)
     manifest = prepare_bank(cfg, product, mc, version)
-    ctx = few_shot_context(cfg, product, lot, mc, manifest, started=started)
+    projector = prepare_projector(cfg, product, mc, manifest)
+    ctx = few_shot_context(cfg, product, lot, mc, manifest, projector, started=started)
     items = lot_items(cfg, product, lot)
     if not items:
         if not exists(lot_uri, cfg.storage_config()):
@@ -76,7 +78,7 @@ def audit_lot(
     )
     t_setup = time.perf_counter()
     chunks = chunked(items, cfg.runtime.chunk_size)
-    futures = [score_images.submit(chunk, ctx, manifest) for chunk in chunks]
+    futures = [score_images.submit(chunk, ctx, manifest, projector) for chunk in chunks]
     with Progress(len(items), f"scoring {product}/{lot}") as progress:
         rows = [row for part in gather(futures, [len(c) for c in chunks], progress) for row in part]
     timings = {
@@ -91,7 +93,7 @@ def audit_lot(
         {
             "bank_key": manifest.key,
             "masking": manifest.masking_evidence,
-            "threshold_reason": manifest.threshold_reason,
+            "threshold_reason": threshold_reason(manifest, projector, ctx),
             "overlay_scale": list(scale),
             "references": bank_references(manifest),
             "timings": timings,

@@ -10,6 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from anomalydino_core.augment import AGNOSTIC_ANGLES
+from anomalydino_core.foundad.features import foundad_layer
 from anomalydino_core.masking import TESTED_REFERENCES
 from flows.config import PipelineConfig
 from flows.progress import Progress, gather
@@ -30,10 +31,19 @@ from tasks.bank import (
     read_manifest,
     reference_angles,
 )
-from tasks.embed import SourceImage, embed_images
+from tasks.embed import SourceImage
+from tasks.embed_images import embed_images
 from tasks.layout import latest_version, relative_id
 from tasks.listing import ImageListing, list_image_files
-from tasks.models import default_threads, embedder
+from tasks.models import default_threads, embedder, feature_key
+from tasks.projector import (
+    ProjectorManifest,
+    check_identity,
+    projector_key,
+    projector_uri,
+    read_projector_manifest,
+)
+from tasks.projector_training import foundad_identity, train_projector
 from tasks.retry import TASK_RETRY_OPTIONS, run_logger
 from tasks.run_context import RunContext
 from tasks.storage import list_dirs
@@ -48,17 +58,25 @@ class ModelContext:
     store_uri: str
     threads: int
     mask_threshold: float
+    token_settings: dict[str, Any]  # the FoundAD token store: the features' + the layer
+    token_key: str
+    token_store_uri: str
 
 
 def model_context(cfg: PipelineConfig, product: str) -> ModelContext:
     """Load the model once in the flow process (tasks here reuse it) and resolve its identity."""
     model = embedder(cfg.model, cfg.storage_config())
+    token_settings = dict(model.settings, foundad_layer=foundad_layer(model.extractor))
+    token_key = feature_key(token_settings)
     return ModelContext(
         settings=model.settings,
         key=model.key,
         store_uri=cfg.layout().embeddings(product, model.key),
         threads=default_threads(cfg.model),
         mask_threshold=model.mask_threshold,
+        token_settings=token_settings,
+        token_key=token_key,
+        token_store_uri=cfg.layout().embeddings(product, f"{token_key}-foundad"),
     )
 
 
@@ -251,6 +269,73 @@ def prepare_bank(
         f"reference bank {product} {version}",
     )
     return manifest
+
+
+def foundad_config(cfg: PipelineConfig, product: str):
+    """The product's FoundAD configuration (seed 0: one projector per bank and settings)."""
+    return cfg.foundad.config(cfg.model, cfg.scoring_for(product), seed=0)
+
+
+def prepare_projector(
+    cfg: PipelineConfig,
+    product: str,
+    mc: ModelContext,
+    bank: BankManifest,
+    *,
+    force: bool = False,
+) -> ProjectorManifest | None:
+    """The FoundAD projector of ``bank`` when the product's scorer uses it (else None): the
+    stored one, checked against this model and settings, or one trained now."""
+    if cfg.scoring_for(product).scorer == "knn":
+        return None
+    log = run_logger()
+    storage = cfg.storage_config()
+    config = foundad_config(cfg, product)
+    identity = foundad_identity(embedder(cfg.model, storage), mc.token_key, config)
+    uri = projector_uri(bank.uri, projector_key(mc.token_key, config))
+    if not force:
+        existing = read_projector_manifest(uri, storage)
+        if existing is not None:
+            check_identity(existing, identity)
+            log.info(
+                "projector %s exists (trained in %.0fs), reusing it", uri, existing.train_seconds
+            )
+            return existing
+    manifest = train_projector(
+        bank=bank,
+        model_settings=cfg.model,
+        store_uri=mc.store_uri,
+        token_key=mc.token_key,
+        config=config,
+        threshold_rule=threshold_rule(cfg),
+        threads=mc.threads,
+        io_threads=cfg.runtime.io_threads,
+        max_pixels=cfg.model.decode_max_pixels,
+        storage_settings=cfg.storage,
+    )
+    publish_markdown(
+        projector_markdown(manifest),
+        artifact_key("projector", product, bank.version),
+        f"FoundAD projector {product} {bank.version}",
+    )
+    return manifest
+
+
+def projector_markdown(m: ProjectorManifest) -> str:
+    curve = markdown_table(
+        ["epoch", "train loss", "held-out loss", "seconds"],
+        [
+            [h["epoch"], f"{h['train_loss']:.4f}", f"{h['val_loss']:.4f}", f"{h['seconds']:.0f}"]
+            for h in m.history
+        ],
+    )
+    thr = "none" if m.derived_threshold is None else f"{m.derived_threshold:.4f}"
+    return (
+        f"## FoundAD projector {m.product} / {m.version}\n\n"
+        f"{len(m.references)} reference(s), {m.layer}, {m.n_parameters:,} parameters; "
+        f"best epoch {m.best_epoch}, stopped by {m.stopped_by}, {m.train_seconds:.0f}s. "
+        f"Threshold {thr}: {m.threshold_reason}. Projector: `{m.uri}`.\n\n{curve}\n"
+    )
 
 
 def bank_markdown(m: BankManifest, n_reused_refs: int = 0) -> str:

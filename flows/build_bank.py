@@ -1,10 +1,11 @@
-"""Build a product's reference bank from one reference-set version (default: the latest)."""
+"""Build a product's reference bank from one reference-set version (default: the latest), and
+its FoundAD projector when the product's scorer uses FoundAD."""
 
 from __future__ import annotations
 
 from prefect import flow
 
-from flows.banks import model_context, prepare_bank
+from flows.banks import model_context, prepare_bank, prepare_projector
 from flows.config import PipelineConfig
 from flows.runtime import resolve_config
 from tasks.bank import BankManifest
@@ -17,7 +18,10 @@ def build_bank(
     config: PipelineConfig | None = None,
     force: bool = False,
 ) -> BankManifest:
-    """Build (or find) the bank of a product's reference version (default: the latest)."""
+    """Build (or find) the bank of a product's reference version (default: the latest), and
+    train (or find) its projector when the product's scorer is foundad or both."""
     cfg = resolve_config(config)
     mc = model_context(cfg, product)
-    return prepare_bank(cfg, product, mc, version, force=force)
+    manifest = prepare_bank(cfg, product, mc, version, force=force)
+    prepare_projector(cfg, product, mc, manifest, force=force)
+    return manifest

@@ -112,6 +112,9 @@ class ProductSettings(_Frozen):
     zero_shot_threshold: float | None = Field(
         default=None, gt=0, description="fixed threshold for screening (else shipment rule)"
     )
+    foundad_threshold: float | None = Field(
+        default=None, gt=0, description="fixed FoundAD threshold (else held-out normals rule)"
+    )
 
 
 class ThresholdSettings(_Frozen):

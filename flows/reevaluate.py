@@ -22,7 +22,7 @@ from prefect import flow
 from anomalydino_core.overlays import overlay_scale
 from flows import leftovers
 from flows.artifacts import publish_run_artifacts
-from flows.banks import model_context, prepare_bank, reference_versions
+from flows.banks import model_context, prepare_bank, prepare_projector, reference_versions
 from flows.config import PipelineConfig
 from flows.progress import Progress, gather
 from flows.run import (
@@ -32,6 +32,7 @@ from flows.run import (
     open_map_archive,
     report_metadata,
     summarize,
+    threshold_reason,
     write_page,
 )
 from flows.runtime import (
@@ -155,6 +156,7 @@ def reevaluate(
     layout = cfg.layout()
     mc = model_context(cfg, product)
     manifest = prepare_bank(cfg, product, mc, version)
+    projector = prepare_projector(cfg, product, mc, manifest)
     lots = stale_lots(cfg, product, manifest.version)
     if not lots:
         log.info("%s: every lot is already scored with version %s", product, manifest.version)
@@ -166,7 +168,7 @@ def reevaluate(
     for lot, old_uri, old_meta in lots:
         lot_t0 = time.perf_counter()
         old = read_report(old_uri, storage).sort_values("image_id")
-        ctx = few_shot_context(cfg, product, lot, mc, manifest, started=started)
+        ctx = few_shot_context(cfg, product, lot, mc, manifest, projector, started=started)
         run_id = ctx.run_id
         scale = overlay_scale(ctx.threshold, 0.0)
         open_map_archive(ctx, cfg, scale)
@@ -177,7 +179,7 @@ def reevaluate(
         shas = [_none_if_nan(s) for s in old["content_sha256"]]
         chunks = chunked(items, cfg.runtime.chunk_size)
         futures = [
-            rescore_stored.submit(items_chunk, shas_chunk, ctx, manifest)
+            rescore_stored.submit(items_chunk, shas_chunk, ctx, manifest, projector)
             for items_chunk, shas_chunk in zip(
                 chunks, chunked(shas, cfg.runtime.chunk_size), strict=True
             )
@@ -193,7 +195,7 @@ def reevaluate(
                 "runner": runner,
                 "bank_key": manifest.key,
                 "masking": manifest.masking_evidence,
-                "threshold_reason": manifest.threshold_reason,
+                "threshold_reason": threshold_reason(manifest, projector, ctx),
                 "overlay_scale": list(scale),
                 "references": bank_references(manifest),
                 "previous_threshold": old_meta.get("threshold"),

@@ -18,6 +18,7 @@ from tasks.bank import BankManifest
 from tasks.embed import SourceImage
 from tasks.layout import relative_id
 from tasks.map_archive import MapArchive
+from tasks.projector import ProjectorManifest
 from tasks.report import ReportRow, list_reports, read_report, write_report
 from tasks.report import report_metadata as read_report_metadata
 from tasks.retry import run_logger
@@ -139,6 +140,18 @@ def report_metadata(ctx: RunContext, cfg: PipelineConfig, extra: dict[str, Any])
         "run_started_at": ctx.run_started_at.isoformat(),
         "model": cfg.model.model_dump(mode="json"),
         "scoring": cfg.scoring_for(ctx.product).model_dump(mode="json"),
+        "scorer": ctx.scorer,
+        **(
+            {
+                "projector_uri": ctx.projector_uri,
+                "foundad_threshold": ctx.foundad_threshold,
+                "foundad_threshold_source": ctx.foundad_threshold_source,
+                "foundad_maps_uri": ctx.foundad_maps_uri,
+                "foundad": cfg.foundad.model_dump(mode="json"),
+            }
+            if ctx.uses_foundad
+            else {}
+        ),
         **extra,
     }
 
@@ -222,6 +235,8 @@ def open_map_archive(ctx: RunContext, cfg: PipelineConfig, scale: tuple[float, f
         run_maps.rsplit("/", 1)[0], layout.lot_reports(ctx.product, ctx.lot), storage
     )
     leftovers.started(ctx.flow_run_id, report, run_maps, storage)  # removed if the run fails
+    if ctx.foundad_maps_uri is not None:  # scorer both: FoundAD's maps beside the kNN's
+        MapArchive.open(ctx.foundad_maps_uri, dict(settings, overlay_scale=None), storage)
     return MapArchive.open(ctx.maps_uri, settings, storage)
 
 
@@ -262,11 +277,33 @@ def few_shot_context(
     lot: str,
     mc: ModelContext,
     manifest: BankManifest,
+    projector: ProjectorManifest | None = None,
     *,
     started,
 ) -> RunContext:
-    threshold, source = effective_threshold(cfg.product(product).threshold, manifest.loo_threshold)
-    return run_context(
+    """The run context of an audit or re-evaluation: the kNN's threshold from the bank, or
+    FoundAD's from the projector when FoundAD decides (scorer foundad)."""
+    psettings = cfg.product(product)
+    scorer = cfg.scoring_for(product).scorer
+    threshold, source = effective_threshold(psettings.threshold, manifest.loo_threshold)
+    use_mask = manifest.use_mask
+    foundad: dict = {}
+    if scorer != "knn":
+        if projector is None:
+            raise ValueError(f"product {product!r}: scorer {scorer} needs a FoundAD projector")
+        f_threshold, f_source = effective_threshold(
+            psettings.foundad_threshold, projector.derived_threshold, "foundad_held_out"
+        )
+        foundad = dict(
+            projector_uri=projector.uri,
+            foundad_threshold=f_threshold,
+            foundad_threshold_source=f_source,
+            token_store_uri=mc.token_store_uri,
+            token_settings=mc.token_settings,
+        )
+        if scorer == "foundad":  # FoundAD decides; it never masks
+            threshold, source, use_mask = f_threshold, f_source, False
+    ctx = run_context(
         cfg,
         mc,
         product,
@@ -275,9 +312,30 @@ def few_shot_context(
         started=started,
         threshold=threshold,
         threshold_source=source,
-        use_mask=manifest.use_mask,
+        use_mask=use_mask,
         shots=len(manifest.references),
         reference_version=manifest.version,
         bank_uri=manifest.uri,
         previous=previous_overlays(cfg, product, lot),
+        scorer=scorer,
+        **foundad,
     )
+    if scorer == "both":
+        ctx = replace(ctx, foundad_maps_uri=foundad_maps_uri(ctx.maps_uri))
+    return ctx
+
+
+def threshold_reason(
+    manifest: BankManifest, projector: ProjectorManifest | None, ctx: RunContext
+) -> str:
+    """Why the deciding threshold is what it is (the bank's, or the projector's with FoundAD)."""
+    if ctx.scorer != "foundad" or projector is None:
+        return manifest.threshold_reason
+    if ctx.threshold_source == "config":
+        return "set in the product config (products.<p>.foundad_threshold)"
+    return projector.threshold_reason
+
+
+def foundad_maps_uri(maps_uri: str) -> str:
+    """Scorer both: FoundAD's map archive beside the kNN's, in the run's map folder."""
+    return maps_uri.rstrip("/").rsplit("/", 1)[0] + "/foundad_maps.zarr"

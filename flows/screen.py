@@ -30,7 +30,7 @@ from flows.runtime import (
     resolve_config,
     utc_now,
 )
-from tasks.embed import embed_images
+from tasks.embed_images import embed_images
 from tasks.embedding_store import EmbeddingStore
 from tasks.overlays import write_overlays
 from tasks.report import ReportRow

@@ -23,16 +23,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from anomalydino_core.augment import rotate_image
+from anomalydino_core.foundad.features import embed_with_foundad
 from anomalydino_core.half import float16_checked, to_float32
 from anomalydino_core.images import DECODE_MAX_PIXELS, ImageDecodeError, decode_image
 from anomalydino_core.masking import foreground_mask
 from tasks.embedding_store import EmbeddedImage, EmbeddingStore
-from tasks.models import Embedder, compute_lock, embedder, pin_threads
-from tasks.retry import TASK_RETRY_OPTIONS, run_logger, with_storage_retries
+from tasks.models import Embedder, compute_lock, pin_threads
+from tasks.retry import run_logger, with_storage_retries
 from tasks.storage import PERMANENT_ERRORS, StorageConfig, read_bytes
 
 log = logging.getLogger(__name__)
@@ -71,8 +70,10 @@ class EmbeddedSource:
     image_size: tuple[int, int] | None = None
     features: list[np.ndarray] = field(default_factory=list)  # one (gh, gw, C) per view
     masks: list[np.ndarray] = field(default_factory=list)  # one (gh, gw) bool per view
+    tokens: list[np.ndarray] = field(default_factory=list)  # FoundAD's (gh, gw, D) per view
     image: np.ndarray | None = None  # decoded RGB when it was decoded in this run
     reused: bool = False
+    knn_stored: bool = False  # the kNN features were stored, the FoundAD tokens were not
     error: str | None = None
 
     @property
@@ -130,6 +131,7 @@ def embed_sources(
     keep_images: bool = False,
     load_features: bool = True,
     max_pixels: int | None = DECODE_MAX_PIXELS,
+    token_store: EmbeddingStore | None = None,
 ) -> list[EmbeddedSource]:
     """Make sure every item is in ``store``; returns one result per item, in input order.
 
@@ -140,6 +142,9 @@ def embed_sources(
     ``keep_images`` keeps decoded pixels on the results; ``load_features=False`` only ensures
     the store (results carry no features). Images over ``max_pixels`` or smaller than one
     patch of the store's backbone are error results, refused from their header.
+    ``token_store``: also make sure of FoundAD's tokens (same backbone pass, ``tokens`` on the
+    results); an image whose kNN features are stored but not its tokens is embedded again for
+    the tokens only: its stored features are kept and used, so its kNN scores never change.
     """
     pin_threads(threads)
     results = [EmbeddedSource(item) for item in items]
@@ -153,7 +158,12 @@ def embed_sources(
 
     def stored(res: EmbeddedSource) -> bool:
         ids = res.item.store_ids(res.content_sha256)
-        return all(store.has(i, res.content_sha256) for i in ids)
+        if not all(store.has(i, res.content_sha256) for i in ids):
+            return False
+        if token_store is None or all(token_store.has(i, res.content_sha256) for i in ids):
+            return True
+        res.knn_stored = True
+        return False
 
     todo = [r for r in results if r.ok]
     have = list(pool.map(stored, todo))
@@ -178,11 +188,14 @@ def embed_sources(
             res.features.append(to_float32(entry.features))
             res.masks.append(entry.mask)
             res.image_size = entry.image_size
+            if token_store is not None:
+                res.tokens.append(to_float32(token_store.get(sid).features))
 
     loading = [pool.submit(load, r) for r in reuse]
     if compute and not isinstance(model, Embedder):
         model = model()
-    _compute(compute, decoded, store, model, pool, keep_images, load_features)
+    stores = (store, token_store)
+    _compute(compute, decoded, stores, model, pool, keep_images, load_features)
     for fut in loading:
         fut.result()
     return results
@@ -191,7 +204,7 @@ def embed_sources(
 def _compute(
     compute: list[EmbeddedSource],
     decoded: list[Future],
-    store: EmbeddingStore,
+    stores: tuple[EmbeddingStore, EmbeddingStore | None],
     model: Embedder,
     pool: ThreadPoolExecutor,
     keep_images: bool,
@@ -224,6 +237,8 @@ def _compute(
             n_views = 1 if angles is None else len(angles)
             res.features = [None] * n_views  # type: ignore[list-item]
             res.masks = [None] * n_views  # type: ignore[list-item]
+            if stores[1] is not None:
+                res.tokens = [None] * n_views  # type: ignore[list-item]
             for v in range(n_views):
                 yield res, v, image if angles is None else rotate_image(image, angles[v])
 
@@ -231,12 +246,16 @@ def _compute(
         t = time.perf_counter()
         with compute_lock():
             t_locked = time.perf_counter()
-            grids = model.extractor.embed([px for _, _, px in part])
+            pixels = [px for _, _, px in part]
+            if stores[1] is None:
+                grids, tokens = model.extractor.embed(pixels), [None] * len(part)
+            else:  # one backbone pass, both layers
+                grids, tokens = embed_with_foundad(model.extractor, pixels)
         waited["lock"] += t_locked - t
         waited["model"] += time.perf_counter() - t_locked
         return [
-            pool.submit(_finish_view, res, view, grid, store, model)
-            for (res, view, _), grid in zip(part, grids, strict=True)
+            pool.submit(_finish_view, res, view, grid, token_grid, stores, model)
+            for (res, view, _), grid, token_grid in zip(part, grids, tokens, strict=True)
         ]
 
     batch = max(1, model.extractor.batch_size)
@@ -266,13 +285,31 @@ def _compute(
     )
     for res in compute:
         if res.ok and not load_features:
-            res.features, res.masks = [], []
+            res.features, res.masks, res.tokens = [], [], []
 
 
 def _finish_view(
-    res: EmbeddedSource, view: int, grid: np.ndarray, store: EmbeddingStore, model: Embedder
+    res: EmbeddedSource,
+    view: int,
+    grid: np.ndarray,
+    token_grid: np.ndarray | None,
+    stores: tuple[EmbeddingStore, EmbeddingStore | None],
+    model: Embedder,
 ) -> None:
-    """Round to float16, compute the foreground mask, store the view."""
+    """Round to float16, compute the foreground mask, store the view (and its tokens)."""
+    store, token_store = stores
+    sid = res.item.store_ids(res.content_sha256)[view]
+    if token_store is not None:
+        half_tokens, finite = float16_checked(token_grid)
+        if not finite:
+            res.error = f"{res.item.image_id}: FoundAD tokens not finite in float16"
+            return
+        token_store.put(_entry(res, sid, half_tokens, None))
+        res.tokens[view] = to_float32(half_tokens)
+    if res.knn_stored:  # only the tokens were missing: the stored features stay as they are
+        entry = store.get(sid)
+        res.features[view], res.masks[view] = to_float32(entry.features), entry.mask
+        return
     half, finite = float16_checked(grid)
     if not finite:
         res.error = f"{res.item.image_id}: features not finite in float16 (NaN/inf or overflow)"
@@ -280,90 +317,19 @@ def _finish_view(
     widened = to_float32(half)
     # single-threaded BLAS (anomalydino_core.cpu.set_threads): no compute_lock() needed
     mask = foreground_mask(widened, threshold=model.mask_threshold)
-    sid = res.item.store_ids(res.content_sha256)[view]
-    store.put(
-        EmbeddedImage(
-            image_id=sid,
-            source_uri=res.item.uri,
-            content_sha256=res.content_sha256,
-            image_size=res.image_size,
-            features=half,
-            mask=mask,
-        )
-    )
+    store.put(_entry(res, sid, half, mask))
     res.features[view] = widened
     res.masks[view] = mask
 
 
-# ------------------------------------------------------------------------------ Prefect task
-
-
-@dataclass(frozen=True)
-class EmbedSummary:
-    """What an embedding task did (small: safe to return through any task runner)."""
-
-    image_ids: tuple[str, ...]
-    content_sha256: tuple[str | None, ...]
-    image_sizes: tuple[tuple[int, int] | None, ...]
-    file_sizes: tuple[int | None, ...]
-    reused: tuple[bool, ...]
-    errors: tuple[str | None, ...]
-    seconds: float
-
-    @property
-    def n_reused(self) -> int:
-        return sum(1 for r, e in zip(self.reused, self.errors, strict=True) if r and e is None)
-
-    @property
-    def n_computed(self) -> int:
-        return sum(1 for r, e in zip(self.reused, self.errors, strict=True) if not r and e is None)
-
-
-@task(
-    name="embed-images",
-    **TASK_RETRY_OPTIONS,
-    cache_policy=NO_CACHE,
-)
-def embed_images(
-    items: list[SourceImage],
-    store_uri: str,
-    store_settings: dict,
-    model_settings,
-    threads: int,
-    io_threads: int,
-    storage_settings,
-) -> EmbedSummary:
-    """Ensure ``items`` are embedded in the store at ``store_uri``; no features come back."""
-    t0 = time.perf_counter()
-    storage = storage_settings.storage_config()
-    model = embedder(model_settings, storage)
-    store = EmbeddingStore.open(store_uri, store_settings, storage)
-    with ThreadPoolExecutor(io_threads, thread_name_prefix="embed-io") as pool:
-        results = embed_sources(
-            items,
-            store,
-            model,
-            threads=threads,
-            pool=pool,
-            storage=storage,
-            load_features=False,
-            max_pixels=model_settings.decode_max_pixels,
-        )
-    summary = EmbedSummary(
-        image_ids=tuple(r.item.image_id for r in results),
-        content_sha256=tuple(r.content_sha256 for r in results),
-        image_sizes=tuple(r.image_size for r in results),
-        file_sizes=tuple(r.file_size for r in results),
-        reused=tuple(r.reused for r in results),
-        errors=tuple(r.error for r in results),
-        seconds=time.perf_counter() - t0,
+def _entry(
+    res: EmbeddedSource, sid: str, values: np.ndarray, mask: np.ndarray | None
+) -> EmbeddedImage:
+    return EmbeddedImage(
+        image_id=sid,
+        source_uri=res.item.uri,
+        content_sha256=res.content_sha256,
+        image_size=res.image_size,
+        features=values,
+        mask=mask,
     )
-    run_logger().info(
-        "embedded %d images (%d computed, %d reused, %d errors) in %.1fs",
-        len(results),
-        summary.n_computed,
-        summary.n_reused,
-        len(results) - summary.n_computed - summary.n_reused,
-        summary.seconds,
-    )
-    return summary

@@ -83,9 +83,13 @@ def record_scored(
     image_size: tuple[int, int],
     reused: bool,
     image: np.ndarray | None = None,
+    foundad: ScoreResult | None = None,
+    foundad_archive: MapArchive | None = None,
 ) -> ReportRow:
     """The report row of a scored image, its map written and, if flagged, its overlay (the
-    row keeps no overlay URI when the source image is gone)."""
+    row keeps no overlay URI when the source image is gone). ``result`` is the deciding
+    scorer's; ``foundad`` FoundAD's whenever it ran, its map written to ``foundad_archive``
+    when it is not the deciding one (scorer both)."""
     row = make_row(
         ctx,
         item,
@@ -99,8 +103,11 @@ def record_scored(
         grid=result.patch_distances.shape,
         map_uri=ctx.map_uri(item.image_id),
         overlay_uri=ctx.overlay_uri(item.image_id),
+        foundad_score=None if foundad is None else foundad.score,
     )
     put_map(archive, item.image_id, item.uri, result.anomaly_map, row.score)
+    if foundad is not None and foundad_archive is not None:
+        put_map(foundad_archive, item.image_id, item.uri, foundad.anomaly_map, foundad.score)
     scale = overlay_scale(ctx.threshold, 0.0)
     if not row.is_anomalous or _reuse_overlay(
         ctx, item, content_sha256, result.anomaly_map, scale, storage

@@ -58,6 +58,13 @@ REPORT_SCHEMA = pa.schema(
         ("max_patch_x", pa.int32()),
         ("map_uri", pa.string()),
         ("overlay_uri", pa.string()),
+        ("scorer", pa.string()),
+        ("foundad_score", pa.float64()),
+        ("foundad_threshold", pa.float64()),
+        ("foundad_threshold_source", pa.string()),
+        ("foundad_verdict", pa.string()),
+        ("foundad_map_uri", pa.string()),
+        ("projector_uri", pa.string()),
         ("embedding_reused", pa.bool_()),
         ("run_started_at", _TS),
         ("scored_at", _TS),
@@ -101,6 +108,13 @@ class ReportRow:
     max_patch_x: int | None
     map_uri: str | None
     overlay_uri: str | None
+    scorer: str  # knn | foundad | both (zero-shot screening: knn)
+    foundad_score: float | None
+    foundad_threshold: float | None
+    foundad_threshold_source: str | None
+    foundad_verdict: str | None
+    foundad_map_uri: str | None  # scorer both: FoundAD's map (map_uri is the kNN's)
+    projector_uri: str | None
     embedding_reused: bool | None
     run_started_at: datetime
     scored_at: datetime | None

@@ -74,6 +74,29 @@ class RunContext:
     reference_version: str | None = None
     bank_uri: str | None = None
     previous: PreviousOverlays | None = None
+    # FoundAD (scorer foundad or both): with foundad, threshold/threshold_source above are
+    # FoundAD's and it makes the verdict; with both, the kNN decides and FoundAD's score,
+    # threshold and verdict stand beside it
+    scorer: str = "knn"
+    projector_uri: str | None = None
+    foundad_threshold: float | None = None
+    foundad_threshold_source: str | None = None
+    token_store_uri: str | None = None
+    token_settings: dict[str, Any] | None = None
+    foundad_maps_uri: str | None = None  # scorer both: FoundAD's maps beside the kNN's
+
+    @property
+    def uses_knn(self) -> bool:
+        return self.scorer in ("knn", "both")
+
+    @property
+    def uses_foundad(self) -> bool:
+        return self.scorer in ("foundad", "both")
+
+    def foundad_map_uri(self, image_id: str) -> str | None:
+        if self.foundad_maps_uri is None:
+            return None
+        return join(self.foundad_maps_uri, "maps", image_key(image_id))
 
     def map_uri(self, image_id: str) -> str:
         return join(self.maps_uri, "maps", image_key(image_id))
@@ -104,10 +127,16 @@ def make_row(
     error: str | None = None,
     threshold: float | None = None,
     threshold_source: str | None = None,
+    foundad_score: float | None = None,
 ) -> ReportRow:
+    """One image's row; ``score`` is the deciding scorer's (FoundAD's with scorer foundad),
+    ``foundad_score`` FoundAD's whenever it ran (the same value with scorer foundad)."""
     s = ctx.store_settings
     thr = ctx.threshold if threshold_source is None else threshold
     verdict, flagged = verdict_of(score, thr)
+    foundad_verdict = None
+    if ctx.uses_foundad:
+        foundad_verdict = verdict_of(foundad_score, ctx.foundad_threshold)[0]
     peak = (None, None)
     if max_patch is not None and grid is not None and image_size is not None:
         peak = peak_pixel(max_patch, grid, image_size)
@@ -143,6 +172,13 @@ def make_row(
         max_patch_x=peak[1],
         map_uri=map_uri,
         overlay_uri=overlay_uri if flagged else None,
+        scorer=ctx.scorer,
+        foundad_score=None if foundad_score is None else float(foundad_score),
+        foundad_threshold=ctx.foundad_threshold if ctx.uses_foundad else None,
+        foundad_threshold_source=ctx.foundad_threshold_source if ctx.uses_foundad else None,
+        foundad_verdict=foundad_verdict,
+        foundad_map_uri=ctx.foundad_map_uri(item.image_id) if foundad_score is not None else None,
+        projector_uri=ctx.projector_uri,
         embedding_reused=reused,
         run_started_at=ctx.run_started_at,
         scored_at=datetime.now(UTC) if score is not None else None,
@@ -175,3 +211,10 @@ def run_model(ctx: RunContext, storage: StorageConfig) -> Embedder:
 
 def open_store(ctx: RunContext, storage: StorageConfig) -> EmbeddingStore:
     return EmbeddingStore.open(ctx.store_uri, ctx.store_settings, storage)
+
+
+def open_token_store(ctx: RunContext, storage: StorageConfig) -> EmbeddingStore | None:
+    """FoundAD's token store of the run (None when FoundAD does not score it)."""
+    if not ctx.uses_foundad:
+        return None
+    return EmbeddingStore.open(ctx.token_store_uri, ctx.token_settings, storage)

@@ -9,7 +9,6 @@ that runs the training and reports its peak memory (the I/O layer samples the pr
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,8 +17,7 @@ import numpy as np
 from ..features import PatchFeatureExtractor
 from .config import FoundADConfig
 from .features import foundad_encoder
-from .projector import ManifoldProjector
-from .scoring import ScoringConfig, anomaly_map, image_scores, patch_errors
+from .scoring import anomaly_map, grid_errors, image_scores
 from .training import TrainingResult, fit
 
 Log = Callable[[str], None]
@@ -43,21 +41,6 @@ class FoundADRun:
     best_val_loss: float
     peak_rss_gb: float
     score_ms_per_image: float
-
-
-def grid_errors(
-    projector: ManifoldProjector, tokens: Sequence[np.ndarray], config: ScoringConfig
-) -> list[np.ndarray]:
-    """Per-patch errors (h, w) of token grids (h, w, D) of any mix of sizes, in order."""
-    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for i, t in enumerate(tokens):
-        by_shape[t.shape].append(i)
-    out: list[np.ndarray | None] = [None] * len(tokens)
-    for indices in by_shape.values():
-        errors = patch_errors(projector, np.stack([tokens[i] for i in indices]), config)
-        for i, e in zip(indices, errors, strict=True):
-            out[i] = e
-    return out  # type: ignore[return-value]
 
 
 def train_and_score(

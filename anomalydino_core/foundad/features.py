@@ -25,6 +25,15 @@ def foundad_dim(extractor: PatchFeatureExtractor) -> int:
     return int(_module(extractor).foundad_dim)
 
 
+def foundad_layer(extractor: PatchFeatureExtractor) -> str:
+    """Which layer the FoundAD tokens of ``extractor``'s backbone come from (stored with every
+    projector and token store, so that tokens of another layer are never mixed in)."""
+    module = _module(extractor)
+    from_end = getattr(module, "foundad_blocks_from_end", None)
+    where = f"block -{from_end} + final norm" if from_end is not None else "its FoundAD layer"
+    return f"{type(module).__name__}: {where}, {foundad_dim(extractor)} channels"
+
+
 def _module(extractor: PatchFeatureExtractor) -> torch.nn.Module:
     module = extractor.module
     if not hasattr(module, "forward_with_foundad"):

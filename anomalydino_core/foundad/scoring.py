@@ -9,6 +9,8 @@ kernel at sigma 4 (nearly a box filter); this keeps the proper 33 x 33 kernel.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from ..features import Precision, resolve_precision, select_device
+from ..few_shot import ScoreResult
 from ..scoring import MAP_SIGMA
 from ..scoring import anomaly_map as _smoothed_map
 from . import defaults
@@ -90,3 +93,35 @@ def anomaly_map(
 ) -> np.ndarray:
     """(h, w) patch errors -> (H, W) float32 map: bilinear to ``image_size``, then Gaussian."""
     return _smoothed_map(errors, image_size, sigma=sigma)
+
+
+def grid_errors(
+    projector: ManifoldProjector, tokens: Sequence[np.ndarray], config: ScoringConfig
+) -> list[np.ndarray]:
+    """Per-patch errors (h, w) of token grids (h, w, D) of any mix of sizes, in order (one
+    projector call per shape and batch)."""
+    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, t in enumerate(tokens):
+        by_shape[t.shape].append(i)
+    out: list[np.ndarray | None] = [None] * len(tokens)
+    for indices in by_shape.values():
+        errors = patch_errors(projector, np.stack([tokens[i] for i in indices]), config)
+        for i, e in zip(indices, errors, strict=True):
+            out[i] = e
+    return out  # type: ignore[return-value]
+
+
+def score_result(
+    errors: np.ndarray, image_size: tuple[int, int], config: ScoringConfig, *, with_map: bool = True
+) -> ScoreResult:
+    """One image's FoundAD outcome in the kNN's result type: top-K score, the error grid as
+    the patch distances, the smoothed map, the peak patch; no foreground (FoundAD never masks)."""
+    errors = np.asarray(errors, dtype=np.float32)
+    peak = np.unravel_index(int(np.argmax(errors)), errors.shape)
+    return ScoreResult(
+        score=image_score(errors, config.top_k),
+        patch_distances=errors,
+        anomaly_map=anomaly_map(errors, image_size, sigma=config.map_sigma) if with_map else None,
+        foreground=None,
+        max_patch=(int(peak[0]), int(peak[1])),
+    )

@@ -18,7 +18,8 @@ import zarr
 from flows.audit import audit_lot, nightly_audit
 from flows.config import PipelineConfig
 from flows.runtime import with_runner
-from tasks.embed import SourceImage, embed_images
+from tasks.embed import SourceImage
+from tasks.embed_images import embed_images
 from tasks.embedding_store import EmbeddingStore
 from tasks.report import REPORT_SCHEMA
 from tests.pipeline_data import (
