@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .memory_bank import IndexKind, PatchIndex
+from .nn_search import SearchMethod
 from .scoring import MAP_SIGMA, anomaly_map, image_score
 
 
@@ -32,6 +33,8 @@ class FewShotScorer:
 
     ``fit`` takes the reference grids (all views, e.g. rotations) and optional per-grid
     foreground masks (to mask the references too); ``score`` takes one test grid.
+    ``search_method``: the CPU search of the flat indexes (``PatchIndex``; None: measured).
+    Any grid shape: a search costs (query patches x bank patches), square or not.
     """
 
     def __init__(
@@ -41,10 +44,11 @@ class FewShotScorer:
         sigma: float = MAP_SIGMA,
         index_kind: IndexKind = "exact",
         use_gpu: bool | None = None,
+        search_method: SearchMethod | None = None,
     ) -> None:
         self.image_score_method = image_score_method
         self.sigma = sigma
-        self.index = PatchIndex(index_kind, use_gpu=use_gpu)
+        self.index = PatchIndex(index_kind, use_gpu=use_gpu, search_method=search_method)
 
     @property
     def bank_size(self) -> int:
@@ -85,8 +89,9 @@ class FewShotScorer:
         foregrounds: Sequence[np.ndarray | None] | None = None,
     ) -> list[np.ndarray]:
         """(gh, gw) distance grids of several images, searched in one bank query (masked-out
-        patches: 0, not searched). The same distances as one ``score`` per image, up to the last
-        float bit (BLAS blocks the products by query count): callers keep their batches fixed."""
+        patches: 0, not searched). The same distances as one ``score`` per image: on CPU to the
+        bit (flat indexes recompute each distance as one dot product); on a GPU up to the last
+        float bit (the products are blocked by query count)."""
         foregrounds = foregrounds or [None] * len(grids)
         queries, keeps = [], []
         for grid, fg in zip(grids, foregrounds, strict=True):

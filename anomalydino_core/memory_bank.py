@@ -12,6 +12,19 @@ import numpy as np
 import torch
 
 from .choices import IndexKind
+from .cpu import cpu_has_fast_bf16
+from .nn_search import (
+    PROBE_QUERIES,
+    PROBE_ROWS,
+    Calibration,
+    SearchMethod,
+    bf16_candidates,
+    choose_method,
+    faiss_top1,
+    rerank,
+    row_similarities,
+    top1_fp32,
+)
 
 INDEX_KINDS: tuple[str, ...] = typing.get_args(IndexKind)
 INDEX_FORMAT = "anomalydino.patch_index/1"
@@ -78,6 +91,12 @@ class PatchIndex:
     rows of one block are within bf16 rounding (~1e-3) of each other. ``hnsw`` / ``ivf`` are
     approximate options for full-shot banks of millions of patches.
 
+    CPU top-1 search of the flat kinds (``anomalydino_core.nn_search``): faiss or blocked torch
+    fp32 (``exact``), or those and the bf16 screen (``exact_bf16``, on CPUs with native bf16),
+    whichever measured fastest in this process (``search_method=None``), or the one named.
+    Searches smaller than the probe (``PROBE_QUERIES x PROBE_ROWS``) use torch fp32. The distance
+    reported is one fp32 dot product of the query and the chosen row, whichever method chose it.
+
     GPU (``use_gpu=None``: when present): a faiss GPU copy where faiss has GPU support; else, for
     ``exact``, the same fp32 search as torch matrix products on CUDA (TF32 off), and
     ``exact_bf16`` runs on CUDA in any case. ``use_gpu=False`` keeps the search on the CPU.
@@ -94,6 +113,7 @@ class PatchIndex:
         hnsw_m: int = 32,
         ivf_lists: int | None = None,
         nprobe: int = 16,
+        search_method: SearchMethod | None = None,
     ) -> None:
         if kind not in INDEX_KINDS:
             raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
@@ -106,6 +126,14 @@ class PatchIndex:
         self._index: faiss.Index | None = None
         self._search_index: faiss.Index | None = None
         self._dim = 0  # feature dim (the flat index may hold zero-padded vectors)
+        if search_method not in (None, "faiss", "torch", "bf16"):
+            raise ValueError(f"unknown search method {search_method!r}")
+        if search_method == "bf16" and kind != "exact_bf16":
+            raise ValueError("search_method 'bf16' is for the exact_bf16 index only")
+        self.search_method = search_method
+        self._rows: torch.Tensor | None = None  # CPU flat kinds: (n, dim) view of faiss's rows
+        self._rows16: torch.Tensor | None = None
+        self._calibration: Calibration | None = None
 
     @property
     def size(self) -> int:
@@ -147,21 +175,27 @@ class PatchIndex:
         self._dim = dim
         self._search_index = index
         self._bank32 = self._bank16 = None
+        self._rows = self._rows16 = None
+        self._calibration = None
         self.use_gpu = False
         want_gpu = self.want_gpu is not False
         cuda = want_gpu and torch.cuda.is_available()
-        if self.kind == "exact_bf16" or (self.kind == "exact" and cuda and not gpu_available()):
-            device = torch.device("cuda" if cuda else "cpu")
+        flat = self.kind in ("exact", "exact_bf16")
+        if flat and cuda and (self.kind == "exact_bf16" or not gpu_available()):
             rows = np.ascontiguousarray(index.reconstruct_n(0, index.ntotal)[:, :dim])
-            self._bank32 = torch.from_numpy(rows).to(device)
+            self._bank32 = torch.from_numpy(rows).to("cuda")
             if self.kind == "exact_bf16":
                 self._bank16 = self._bank32.to(torch.bfloat16)
-            self.use_gpu = cuda
+            self.use_gpu = True
             return
         if want_gpu and self.kind != "hnsw" and gpu_available():
             self._gpu_res = faiss.StandardGpuResources()
             self._search_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
             self.use_gpu = True
+            return
+        if flat:  # the CPU search reads faiss's own storage (no copy)
+            stored = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d)
+            self._rows = torch.from_numpy(stored.reshape(index.ntotal, index.d))[:, :dim]
 
     def search(self, queries: np.ndarray, k: int = 1) -> SearchResult:
         """k nearest bank patches of each query row, as cosine distances 1 - cos."""
@@ -169,9 +203,11 @@ class PatchIndex:
             raise RuntimeError("index is empty: call fit() first")
         if queries.shape[-1] != self.dim:
             raise ValueError(f"query dim {queries.shape[-1]} != bank dim {self.dim}")
+        if self.kind == "exact_bf16" and k != 1:
+            raise ValueError("exact_bf16 search returns the nearest neighbour only (k=1)")
+        if self._rows is not None and k == 1:
+            return self._search_cpu(queries)
         if self._bank16 is not None:
-            if k != 1:
-                raise ValueError("exact_bf16 search returns the nearest neighbour only (k=1)")
             return self._search_bf16(_as_unit_rows(queries))
         if self._bank32 is not None and k == 1:
             return self._search_cuda_exact(_as_unit_rows(queries))
@@ -179,6 +215,36 @@ class PatchIndex:
         sims, idx = self._search_index.search(q, k)
         dist = np.clip(1.0 - sims, 0.0, 2.0).astype(np.float32)
         return SearchResult(distances=dist, indices=idx.astype(np.int64))
+
+    def method_for(self, n_queries: int) -> SearchMethod:
+        """The CPU method a search of ``n_queries`` rows uses (measured once, see the class)."""
+        if self.search_method is not None:
+            return self.search_method
+        if n_queries * self.size < PROBE_QUERIES * PROBE_ROWS:
+            return "torch"
+        candidates: tuple[SearchMethod, ...] = ("faiss", "torch")
+        if self.kind == "exact_bf16" and cpu_has_fast_bf16():
+            candidates = ("bf16", *candidates)
+        self._calibration = choose_method(candidates, self._dim, self._index.d, n_queries)
+        return self._calibration.method
+
+    def _search_cpu(self, queries: np.ndarray) -> SearchResult:
+        padded = _as_unit_rows(queries, self._index.d)
+        q = torch.from_numpy(padded)[:, : self._dim]
+        method = self.method_for(q.shape[0])
+        with torch.inference_mode():
+            if method == "faiss":
+                idx = torch.from_numpy(faiss_top1(self._index, padded))
+            elif method == "torch":
+                idx = top1_fp32(q, self._rows)
+            else:
+                if self._rows16 is None:
+                    self._rows16 = self._rows.to(torch.bfloat16)
+                cand = bf16_candidates(q.to(torch.bfloat16), self._rows16, block=self.bf16_block)
+                idx = rerank(q, self._rows, cand)
+            sims = row_similarities(q, self._rows, idx)
+        dist = np.clip(1.0 - sims, 0.0, 2.0).astype(np.float32)[:, None]
+        return SearchResult(distances=dist, indices=idx.numpy().astype(np.int64)[:, None])
 
     def _search_cuda_exact(self, q: np.ndarray) -> SearchResult:
         bank = self._bank32
@@ -233,6 +299,7 @@ class PatchIndex:
         use_gpu: bool | None = None,
         nprobe: int = 16,
         dim: int | None = None,
+        search_method: SearchMethod | None = None,
     ) -> PatchIndex:
         """An index from ``to_bytes()`` (or bare faiss bytes, as banks before the header were
         written; ``dim`` then gives the feature dim of a padded flat index)."""
@@ -243,7 +310,7 @@ class PatchIndex:
             if header.get("kind") != kind:
                 raise ValueError(f"serialised index is {header.get('kind')!r}, not {kind!r}")
             dim, data = int(header["dim"]), data[start + size :]
-        obj = cls(kind, use_gpu=use_gpu, nprobe=nprobe)
+        obj = cls(kind, use_gpu=use_gpu, nprobe=nprobe, search_method=search_method)
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         if kind == "ivf":
             index.nprobe = nprobe
