@@ -309,6 +309,12 @@ def summary_facts(meta: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str,
         "precision": first(rows, "precision") or model.get("precision"),
         "weights_sha256": first(rows, "weights_sha256") or meta.get("weights_sha256"),
         "shots": first(rows, "shots"),
+        "scorer": meta.get("scorer") or first(rows, "scorer") or "knn",
+        "foundad_threshold": _clean(
+            meta.get("foundad_threshold", first(rows, "foundad_threshold"))
+        ),
+        "foundad_threshold_source": meta.get("foundad_threshold_source"),
+        "n_foundad_flagged": [r.get("foundad_verdict") for r in rows].count("anomalous"),
         "masking": masking.get("use_mask"),
         "masking_reason": masking.get("reason"),
         "timings": {k: v for k, v in timings.items() if v is not None},

@@ -84,6 +84,9 @@ def test_both_scores_side_by_side_knn_decides(both) -> None:
         assert float(foundad_map.attrs["score"]) == pytest.approx(ok.loc[image_id, "foundad_score"])
     assert df.loc["truncated.png", "verdict"] == "error"
     assert pd.isna(df.loc["truncated.png", "foundad_score"])
+    page = Path(first.html_uri).read_text()
+    assert "<th scope=\"col\" data-type=\"num\">FoundAD score</th>" in page
+    assert "kNN decides; FoundAD beside it" in page and "foundad_held_out" in page
 
 
 def test_rerun_reuses_projector_embeddings_and_tokens_with_identical_scores(both) -> None:
