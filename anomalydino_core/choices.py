@@ -19,3 +19,8 @@ Precision = Literal["auto", "fp32", "bf16"]
 ComputePrecision = Literal["fp32", "bf16"]
 Method = Literal["knn", "foundad"]
 Scorer = Literal["knn", "foundad", "both"]
+#: The embedding runtime: ``auto`` (the calibrated choice per machine) or one forced
+#: (anomalydino_core/runtimes, docs/runtimes.md).
+Runtime = Literal["auto", "torch", "vit_cpu", "openvino", "onnx"]
+RuntimeName = Literal["torch", "vit_cpu", "openvino", "onnx"]
+ExportFormat = Literal["openvino", "onnx"]

@@ -8,7 +8,7 @@ the same fields (``flows/settings_cli.py``). The choice lists are the core's own
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .choices import (
     ImageScoreMethod,
@@ -17,6 +17,7 @@ from .choices import (
     Precision,
     Preprocess,
     Rotation,
+    Runtime,
     Scorer,
     Statistic,
 )
@@ -54,6 +55,12 @@ class ModelSettings(_Frozen):
         "EfficientNet-Lite0 (no faster in bf16 on CPU)",
     )
     device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda:0...")
+    runtime: Runtime = Field(
+        default="auto",
+        description="what runs the backbone: auto (on CPU the fastest of torch, vit_cpu, openvino, "
+        "onnx measured once per machine and model, cached; torch on CUDA), or one forced; "
+        "exported runtimes are checked against fp32 torch first (docs/runtimes.md)",
+    )
     batch_size: int = Field(default=8, ge=1, description="images per forward pass")
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
     decode_max_pixels: int = Field(
@@ -73,6 +80,13 @@ class ModelSettings(_Frozen):
                 "stored with every run; give credentials through the environment"
             )
         return value
+
+    @model_validator(mode="after")
+    def _runtime_runs_precision(self) -> ModelSettings:
+        from .runtimes.selection import runtime_precision
+
+        runtime_precision(self.runtime, self.precision)  # onnx with bf16: a clear error
+        return self
 
     @field_validator("backbone")
     @classmethod

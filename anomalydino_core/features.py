@@ -14,6 +14,7 @@ from .backbones import LoadedBackbone, PreprocessConfig
 from .choices import ComputePrecision, Precision
 from .config import ModelSettings
 from .cpu import cpu_has_fast_bf16
+from .runtimes import BatchRunner, TorchRunner
 
 _DEFAULTS = ModelSettings()  # the library takes the settings model's defaults
 
@@ -89,6 +90,12 @@ class PatchFeatureExtractor:
 
     Images of equal input size are batched together (``batch_size``); bf16 runs under autocast
     and the features are returned in float32.
+
+    ``runner`` runs each batch: the torch module by default (``vit_cpu`` blocks for DINOv2 in
+    bf16 on CPU, as before runtimes could be chosen); ``use_runner`` swaps in another runtime
+    (``anomalydino_core.runtimes``; ``tasks/runtimes.py`` calibrates and attaches one). Every
+    runner returns the same (B, gh, gw, C) grids; the runtime is no part of ``settings``
+    (``tasks/models.py feature_settings`` says why).
     """
 
     def __init__(
@@ -113,6 +120,31 @@ class PatchFeatureExtractor:
         self.module = backbone.module.to(self.device)
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
+        self.runner: BatchRunner = self.torch_runner()
+
+    def torch_runner(self, *, vit_cpu_blocks: bool | None = None) -> TorchRunner:
+        """A torch runner of this extractor's module, device and precision (``vit_cpu_blocks``:
+        see :class:`~anomalydino_core.runtimes.TorchRunner`)."""
+        return TorchRunner(
+            self.module,
+            device=self.device,
+            precision=self.precision,
+            channels_last=self.channels_last,
+            vit_cpu_blocks=vit_cpu_blocks,
+        )
+
+    @property
+    def runtime(self) -> str:
+        """Name of the runtime that embeds: torch, vit_cpu, openvino or onnx."""
+        return str(getattr(self.runner, "name", type(self.runner).__name__))
+
+    def use_runner(self, runner: BatchRunner) -> None:
+        """Embed through ``runner`` from now on. A torch runner with a fixed block choice also
+        sets the module's (DINOv2 ``cpu_bf16_blocks``), so FoundAD's pass runs the same blocks."""
+        blocks = getattr(runner, "vit_cpu_blocks", None)
+        if blocks is not None and hasattr(self.module, "cpu_bf16_blocks"):
+            self.module.cpu_bf16_blocks = blocks
+        self.runner = runner
 
     @property
     def settings(self) -> FeatureSettings:
@@ -127,17 +159,8 @@ class PatchFeatureExtractor:
     def feature_dim(self) -> int:
         return self.backbone.spec.feature_dim
 
-    @torch.inference_mode()
     def _run(self, batch: torch.Tensor) -> np.ndarray:
-        batch = batch.to(self.device, non_blocking=True)
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        if self.precision == "bf16":
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                out = self.module(batch)
-        else:
-            out = self.module(batch)
-        return out.float().cpu().numpy()
+        return self.runner(batch)
 
     def embed(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Patch-feature grids (gh, gw, C) float32 for RGB uint8 images, in input order."""

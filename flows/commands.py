@@ -1,11 +1,13 @@
 """The pipeline subcommands of ``anomalydino``: each one runs a flow (``build-bank``, ``audit``,
-``nightly``, ``screen``, ``reevaluate``) or the main job end to end (``demo``)."""
+``nightly``, ``screen``, ``reevaluate``) or the main job end to end (``demo``); ``export`` writes
+a backbone for OpenVINO or ONNX Runtime."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import typing
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +162,55 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a backbone for one input size, read it back and check it against fp32 torch."""
+    import torch
+
+    from anomalydino_core.backbones import get_backbone_spec
+    from anomalydino_core.runtimes import check_against_torch
+    from tasks.exports import ensure_export, open_export
+    from tasks.models import remote_fetcher
+    from tasks.runtimes import cache_root
+    from tasks.weights import load_backbone
+
+    preprocess = get_backbone_spec(args.backbone).preprocess(args.resolution)
+    image_hw = _image_size(args.image_size) if args.image_size else (args.resolution,) * 2
+    input_hw = preprocess.input_size(image_hw)
+    backbone = load_backbone(
+        args.backbone, weights=args.weights, fetch_remote=remote_fetcher(None)
+    )
+    base = Path(args.output) if args.output else cache_root() / "exports"
+    folder, written = ensure_export(backbone, args.format, input_hw, base)
+    threads = args.threads or torch.get_num_threads()
+    runner = open_export(folder, args.format, precision="fp32", threads=threads)
+    check = check_against_torch(runner, args.format, backbone.module, input_hw)
+    result = {
+        "folder": str(folder),
+        "written": written,
+        "backbone": backbone.identity.name,
+        "weights_sha256": backbone.identity.weights_sha256,
+        "input_hw": list(input_hw),
+        "min_patch_cosine": check.min_patch_cosine,
+        "check_passed": check.passed,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{'wrote' if written else 'found'} {folder}")
+        print(f"  {check.text()} (fp32)")
+    return 0 if check.passed else 1
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--image-size {text!r}: expected HEIGHTxWIDTH, e.g. 900x1200") from None
+    if height <= 0 or width <= 0:
+        raise ValueError(f"--image-size {text!r}: both edges must be positive")
+    return height, width
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -223,6 +274,42 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("--open", action="store_true", help="open the page in a browser")
     add_config_args(rp)
     rp.set_defaults(func=cmd_report)
+
+    from anomalydino_core.choices import ExportFormat
+    from anomalydino_core.config import ModelSettings
+
+    defaults = ModelSettings()
+    ex = sub.add_parser(
+        "export",
+        help="export a backbone for OpenVINO or ONNX Runtime (checked against fp32 torch)",
+    )
+    ex.add_argument("--backbone", required=True, help="a registered backbone, e.g. dinov2_vits14")
+    ex.add_argument("--format", required=True, choices=typing.get_args(ExportFormat))
+    ex.add_argument(
+        "--resolution",
+        type=int,
+        default=defaults.resolution,
+        help=f"smaller image edge after resizing (default: {defaults.resolution})",
+    )
+    ex.add_argument(
+        "--image-size",
+        default=None,
+        metavar="HxW",
+        help="size of the images to embed (another input shape than square); default: square",
+    )
+    ex.add_argument(
+        "--weights", default=None, help="weights path or URI (default: the cache, then the hub)"
+    )
+    ex.add_argument("--threads", type=int, default=None, help="threads of the check")
+    ex.add_argument(
+        "--output",
+        default=None,
+        metavar="DIR",
+        help="where to write (default: the cache the pipeline reads, $ANOMALYDINO_CACHE/exports "
+        "or ~/.cache/anomalydino/exports)",
+    )
+    ex.add_argument("--json", action="store_true", help="print the result as JSON")
+    ex.set_defaults(func=cmd_export)
 
     de = sub.add_parser(
         "demo",

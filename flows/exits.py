@@ -33,7 +33,7 @@ from typing import Any
 OK, FAILED, BAD_INPUT, PARTIAL = 0, 1, 2, 3
 INTERRUPTED = 130
 NAME_ARGS = ("product", "lot", "shipment", "version")
-NO_FLOW_COMMANDS = frozenset({"show-bank", "config", "report"})
+NO_FLOW_COMMANDS = frozenset({"show-bank", "config", "report", "export"})
 KEEP_LOGS = 20
 _DETAILS = logging.getLogger("anomalydino.cli")  # to the log file only
 

@@ -25,8 +25,11 @@ class DinoV2PatchEncoder(torch.nn.Module):
     does: bicubic, ``scale_factor=(g + offset) / 37`` for offset 0.1, or ``size=g`` with
     antialiasing for the register variants (offset 0).
 
-    On CPU under bf16 autocast the blocks run through :mod:`.vit_cpu` (about twice as fast);
-    ``cpu_bf16_blocks=False`` keeps timm's own blocks there too.
+    On CPU under bf16 autocast the blocks run through :mod:`.vit_cpu` while ``cpu_bf16_blocks``
+    is True (the ``vit_cpu`` runtime; about twice as fast as timm's blocks on AMD with
+    AVX512-BF16, on par on an Intel AMX Xeon); False keeps timm's own blocks there too (the
+    ``torch`` runtime). The runtime chosen for a model sets it (``tasks/runtimes.py``), so
+    ``forward_with_foundad`` runs the same blocks as ``forward``.
     """
 
     patch_size = 14
@@ -44,8 +47,9 @@ class DinoV2PatchEncoder(torch.nn.Module):
         self.interpolate_offset = interpolate_offset
         self.antialias = antialias
         self.vit._pos_embed = self._pos_embed  # type: ignore[method-assign]
-        self.cpu_bf16_blocks = cpu_bf16_blocks and vit_cpu.supports(vit)
-        self._bf16_blocks = vit_cpu.Bf16CpuBlocks(vit) if self.cpu_bf16_blocks else None
+        supported = vit_cpu.supports(vit)
+        self.cpu_bf16_blocks = cpu_bf16_blocks and supported
+        self._bf16_blocks = vit_cpu.Bf16CpuBlocks(vit) if supported else None
 
     def load_official_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load an official DINOv2 checkpoint, plain or with registers (or timm-format weights)."""
@@ -79,10 +83,15 @@ class DinoV2PatchEncoder(torch.nn.Module):
         return torch.cat([pos[:, :prefix], patch_pos], dim=1)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        grid_h, grid_w = x.shape[1:3]
+        return self._with_prefix_tokens(x, self._resampled_pos_embed(grid_h, grid_w))
+
+    def _with_prefix_tokens(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """(B, gh, gw, C) patch embeddings -> (B, prefix + N, C) tokens with positions ``pos``."""
         vit = self.vit
         batch, grid_h, grid_w, dim = x.shape
         x = x.reshape(batch, grid_h * grid_w, dim)
-        pos = self._resampled_pos_embed(grid_h, grid_w).to(x.dtype)
+        pos = pos.to(x.dtype)
         cls = vit.cls_token.expand(batch, -1, -1)
         if vit.no_embed_class:
             x = torch.cat([cls, x + pos], dim=1)
@@ -94,13 +103,23 @@ class DinoV2PatchEncoder(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_size(x)
-        if self._bf16_blocks is not None and _cpu_bf16_autocast(x):
+        if self._use_bf16_blocks(x):
             vit = self.vit
             tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
             tokens = vit.norm(self._bf16_blocks(tokens))
         else:
             tokens = self.vit.forward_features(x)
         return self._patch_grid(tokens, x)
+
+    def _use_bf16_blocks(self, x: torch.Tensor) -> bool:
+        return self.cpu_bf16_blocks and self._bf16_blocks is not None and _cpu_bf16_autocast(x)
+
+    def fixed_shape_module(self, height: int, width: int) -> torch.nn.Module:
+        """This encoder for (B, 3, ``height``, ``width``) inputs only, for export: the position
+        embedding resampled once here (a constant of the graph), timm's blocks in fp32; its
+        output equals ``forward`` bit for bit in fp32."""
+        self._check_size(torch.empty(0, 3, height, width))
+        return _FixedGridEncoder(self, height // self.patch_size, width // self.patch_size)
 
     #: FoundAD reads the tokens after the third-to-last block (``n_layer=3`` of the paper).
     foundad_blocks_from_end = 3
@@ -120,7 +139,7 @@ class DinoV2PatchEncoder(torch.nn.Module):
         vit = self.vit
         tap = len(vit.blocks) - self.foundad_blocks_from_end
         tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
-        if self._bf16_blocks is not None and _cpu_bf16_autocast(x):
+        if self._use_bf16_blocks(x):
             tokens, (middle,) = self._bf16_blocks.with_taps(tokens, (tap,))
         else:
             for i, block in enumerate(vit.blocks):
@@ -139,6 +158,27 @@ class DinoV2PatchEncoder(torch.nn.Module):
         batch, _, height, width = x.shape
         patches = tokens[:, self.vit.num_prefix_tokens :]
         return patches.reshape(batch, height // self.patch_size, width // self.patch_size, -1)
+
+
+class _FixedGridEncoder(torch.nn.Module):
+    """``DinoV2PatchEncoder.forward`` for one patch grid, position embedding precomputed."""
+
+    def __init__(self, encoder: DinoV2PatchEncoder, grid_h: int, grid_w: int) -> None:
+        super().__init__()
+        self.vit = encoder.vit
+        self.grid = (grid_h, grid_w)
+        self._with_prefix_tokens = encoder._with_prefix_tokens
+        with torch.no_grad():
+            pos = encoder._resampled_pos_embed(grid_h, grid_w).detach().clone()
+        self.register_buffer("pos", pos, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        tokens = vit.norm_pre(self._with_prefix_tokens(vit.patch_embed(x), self.pos))
+        for block in vit.blocks:
+            tokens = block(tokens)
+        patches = vit.norm(tokens)[:, vit.num_prefix_tokens :]
+        return patches.reshape(x.shape[0], *self.grid, patches.shape[-1])
 
 
 _SWIGLU_KEYS = (

@@ -8,6 +8,8 @@ one 152-dim feature per 16x16-pixel patch. The architecture is timm's ``tf_effic
 
 from __future__ import annotations
 
+import copy
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -51,6 +53,13 @@ class EfficientNetPatchEncoder(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._knn_features(*self._stages(x))
+
+    def fixed_shape_module(self, height: int, width: int) -> torch.nn.Module:
+        """A copy of this encoder for export (its 'same' pads become constants for the traced
+        ``height`` x ``width``; the copy keeps the extractor's channels-last module untouched)."""
+        if height % 32 or width % 32:
+            raise ValueError(f"input {height}x{width} is not a multiple of 32")
+        return copy.deepcopy(self)
 
     #: Width of the FoundAD tokens (``blocks[4]``, see ``forward_with_foundad``).
     foundad_dim = 112

@@ -1,0 +1,120 @@
+"""Choosing the fastest runtime by measurement: interleaved rounds, median per runtime.
+
+Rounds are interleaved (each round runs every candidate once, the order rotated every round) so
+that a slow phase of a shared machine (another process, a frequency change) hits every candidate
+alike instead of the one that happened to run then; the median of the rounds drops a stray
+slow round. A short pause before each timed call lets the previous runtime's thread team stop
+spinning: on the 2-core AMD EPYC here torch's EfficientNet-Lite0 pass took 178 ms right after an
+ONNX Runtime call against 61 ms alone (load average 4.6 then: such figures are only indicative).
+The figures are kept with the choice, so a cached choice can be read and argued with.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+#: Rounds per calibration (after one warm-up call each): the spread between rounds on a busy
+#: 2-core machine was 10-40%, the gap between the runtimes it chooses between 20-50%.
+CALIBRATION_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class RuntimeFigures:
+    """One runtime's measured speed: ms per image over the rounds."""
+
+    runtime: str
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    rounds: int
+
+    def to_dict(self) -> dict:
+        return {
+            "runtime": self.runtime,
+            "median_ms_per_image": round(self.median_ms, 3),
+            "min_ms_per_image": round(self.min_ms, 3),
+            "max_ms_per_image": round(self.max_ms, 3),
+            "rounds": self.rounds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> RuntimeFigures:
+        return cls(
+            runtime=str(d["runtime"]),
+            median_ms=float(d["median_ms_per_image"]),
+            min_ms=float(d["min_ms_per_image"]),
+            max_ms=float(d["max_ms_per_image"]),
+            rounds=int(d["rounds"]),
+        )
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The chosen runtime, every candidate's figures (fastest first) and the runtimes left out
+    with their reason (an export that failed its check, a missing package)."""
+
+    choice: str
+    figures: tuple[RuntimeFigures, ...]
+    rejected: Mapping[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "choice": self.choice,
+            "figures": [f.to_dict() for f in self.figures],
+            "rejected": dict(self.rejected),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Calibration:
+        figures = tuple(RuntimeFigures.from_dict(f) for f in d["figures"])
+        choice = str(d["choice"])
+        if choice not in {f.runtime for f in figures}:
+            raise ValueError(f"calibration choice {choice!r} has no figures")
+        return cls(choice=choice, figures=figures, rejected=dict(d.get("rejected", {})))
+
+    def text(self) -> str:
+        parts = [f"{f.runtime} {f.median_ms:.1f} ms/img" for f in self.figures]
+        left_out = [f"{name} left out: {why}" for name, why in self.rejected.items()]
+        return f"runtime {self.choice} (" + ", ".join(parts + left_out) + ")"
+
+
+def measure(
+    candidates: Mapping[str, Callable[[], object]],
+    *,
+    images_per_call: int,
+    rounds: int = CALIBRATION_ROUNDS,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+    rejected: Mapping[str, str] | None = None,
+    settle_s: float = 0.05,
+    sleep: Callable[[float], object] = time.sleep,
+) -> Calibration:
+    """Time each candidate call (one batch of ``images_per_call`` images) in ``rounds``
+    interleaved rounds after ``warmup`` untimed calls each; the lowest median wins (ties: the
+    first candidate given). ``settle_s``: pause before each timed call (see above)."""
+    if not candidates:
+        raise ValueError("no runtime to measure")
+    if rounds < 1 or images_per_call < 1:
+        raise ValueError(f"rounds ({rounds}) and images_per_call ({images_per_call}) must be >= 1")
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            if settle_s > 0:
+                sleep(settle_s)
+            start = clock()
+            candidates[name]()
+            times[name].append(1000.0 * (clock() - start) / images_per_call)
+    figures = [
+        RuntimeFigures(name, statistics.median(t), min(t), max(t), rounds)
+        for name, t in times.items()
+    ]
+    fastest = sorted(figures, key=lambda f: (f.median_ms, names.index(f.runtime)))
+    return Calibration(fastest[0].runtime, tuple(fastest), dict(rejected or {}))

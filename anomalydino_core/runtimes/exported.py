@@ -1,0 +1,232 @@
+"""Exported runtimes: the backbone traced for one input size and run by OpenVINO or ONNX Runtime.
+
+What is exported: the module's fp32 forward for one input (H, W) with a dynamic batch, the same
+(B, H/p, W/p, C) float32 patch grid as the torch module (DINOv2: its position embedding is
+resampled in torch for that grid and stored as a constant, so the graph holds no bicubic
+antialiased resize, which neither exporter handles; EfficientNet: TensorFlow 'same' padding
+becomes constant pads). Another image shape is another export: pipeline images of one product
+share a shape, so one or two exports serve a product; a per-shape compile costs a few seconds
+once (ViT-S/14 448: conversion 13 s, compilation 0.4 s on a 2-core AMD EPYC), where a dynamic
+(H, W) graph would have to carry the resize.
+
+Precision: the exported weights stay fp32 (OpenVINO's IR is saved without fp16 compression);
+bf16 is OpenVINO's compile hint (``INFERENCE_PRECISION_HINT``), so one export serves fp32 and
+bf16. ONNX Runtime has no bf16 matrix kernels on CPU: it runs fp32 only.
+
+Every exported runner is checked against the fp32 torch module on a probe batch before use
+(:func:`check_against_torch`, cosine >= 0.999 per patch); a failure, or any error while
+exporting or compiling, raises :class:`RuntimeRejected` and :class:`PerShapeRunner` falls back
+to torch for that shape with the reason logged.
+
+File I/O (saving and reading exports, the content hashes) is ``tasks/runtimes.py``'s job; this
+module converts in memory and runs what it is given.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .torch_runner import fp32_reference
+
+log = logging.getLogger(__name__)
+
+#: Least per-patch cosine similarity of an exported runtime's features to fp32 torch.
+MIN_PATCH_COSINE = 0.999
+#: ONNX opset of the exports (torch.onnx's dynamo exporter; Resize/pads/LayerNorm all native).
+ONNX_OPSET = 18
+#: Version of how this module builds an export; part of every export's cache key.
+EXPORT_RULE = "fixed-hw-dynamic-batch-v1"
+
+BatchRunner = Callable[[torch.Tensor], np.ndarray]
+
+
+class RuntimeRejected(RuntimeError):
+    """An exported runtime cannot serve an input shape; the message says why."""
+
+
+def exportable_module(module: torch.nn.Module, input_hw: tuple[int, int]) -> torch.nn.Module:
+    """An fp32, contiguous-memory module computing ``module``'s features for inputs of
+    ``input_hw`` (the backbone's ``fixed_shape_module``, else a copy of the module itself)."""
+    height, width = input_hw
+    fixed = getattr(module, "fixed_shape_module", None)
+    out = fixed(height, width) if fixed is not None else copy.deepcopy(module)
+    return out.float().to(memory_format=torch.contiguous_format).eval()
+
+
+def probe_batch(input_hw: tuple[int, int], batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """A seeded normalised-image-like batch (B, 3, H, W) for checks and timing."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, *input_hw, generator=generator)
+
+
+def openvino_version() -> str:
+    import openvino
+
+    return openvino.get_version()
+
+
+def to_openvino(module: torch.nn.Module, input_hw: tuple[int, int]):
+    """The OpenVINO model (``openvino.Model``) of ``module`` for (any batch, 3, H, W)."""
+    import openvino as ov
+
+    model = exportable_module(module, input_hw)
+    with torch.inference_mode():
+        return ov.convert_model(
+            model,
+            example_input=probe_batch(input_hw),
+            input=[ov.PartialShape([-1, 3, *input_hw])],
+        )
+
+
+def to_onnx(module: torch.nn.Module, input_hw: tuple[int, int]):
+    """The ONNX program (``torch.onnx.ONNXProgram``, opset :data:`ONNX_OPSET`) of ``module``
+    for (any batch, 3, H, W); input ``x``, output ``features``."""
+    model = exportable_module(module, input_hw)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    return torch.onnx.export(
+        model,
+        (probe_batch(input_hw, batch=2),),
+        dynamo=True,
+        opset_version=ONNX_OPSET,
+        dynamic_shapes={"x": {0: batch}},
+        input_names=["x"],
+        output_names=["features"],
+        optimize=True,
+        verbose=False,
+    )
+
+
+def openvino_compile_config(precision: str, threads: int) -> dict[str, object]:
+    """CPU compile settings: the precision hint (bf16 | f32), ``threads`` threads, latency mode
+    (one request at a time, as the pipeline calls it under its compute lock)."""
+    return {
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+        "INFERENCE_NUM_THREADS": int(threads),
+        "PERFORMANCE_HINT": "LATENCY",
+    }
+
+
+class OpenVinoRunner:
+    """Runs a compiled OpenVINO model: (B, 3, H, W) -> (B, gh, gw, C) float32 numpy."""
+
+    name = "openvino"
+
+    def __init__(self, model, *, precision: str, threads: int) -> None:
+        import openvino as ov
+
+        self.compiled = ov.Core().compile_model(
+            model, "CPU", openvino_compile_config(precision, threads)
+        )
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        x = np.ascontiguousarray(batch.detach().float().cpu().numpy())
+        out = self.request.infer({0: x})
+        return np.array(out[self.compiled.output(0)], dtype=np.float32, copy=True)
+
+
+def onnx_session_options(threads: int):
+    """ONNX Runtime options: ``threads`` intra-op threads, one inter-op, every graph optimisation,
+    no spinning between calls (spinning workers took the cores the pipeline's decoding threads
+    and the next runtime need: torch ran 2-3x slower right after a spinning session here)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+class OnnxRunner:
+    """Runs an ONNX Runtime CPU session: (B, 3, H, W) -> (B, gh, gw, C) float32 numpy."""
+
+    name = "onnx"
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        x = np.ascontiguousarray(batch.detach().float().cpu().numpy())
+        return np.asarray(self.session.run(None, {self.input_name: x})[0], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """How an exported runtime's features compare with fp32 torch on the probe batch."""
+
+    runtime: str
+    input_hw: tuple[int, int]
+    min_patch_cosine: float
+    passed: bool
+
+    def text(self) -> str:
+        verdict = "passed" if self.passed else f"FAILED (needs >= {MIN_PATCH_COSINE})"
+        return (
+            f"{self.runtime} at {self.input_hw[0]}x{self.input_hw[1]}: least patch cosine to fp32 "
+            f"torch {self.min_patch_cosine:.6f}, {verdict}"
+        )
+
+
+def patch_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each patch feature of two (..., C) grids of equal shape."""
+    if a.shape != b.shape:
+        raise ValueError(f"feature grids differ in shape: {a.shape} vs {b.shape}")
+    a64 = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b64 = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    norms = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    return (a64 * b64).sum(axis=1) / np.maximum(norms, 1e-30)
+
+
+def check_against_torch(
+    runner: BatchRunner, name: str, module: torch.nn.Module, input_hw: tuple[int, int]
+) -> ExportCheck:
+    """Compare ``runner`` with the fp32 torch ``module`` on a seeded probe batch of 2."""
+    probe = probe_batch(input_hw, batch=2)
+    reference = fp32_reference(module, probe)
+    try:
+        got = runner(probe)
+        cosine = float(patch_cosines(got, reference).min())
+    except ValueError as exc:  # wrong shape
+        raise RuntimeRejected(f"{name} at {input_hw}: {exc}") from exc
+    passed = bool(np.isfinite(cosine) and cosine >= MIN_PATCH_COSINE)
+    return ExportCheck(name, tuple(input_hw), cosine, passed)
+
+
+class PerShapeRunner:
+    """An exported runtime compiled per input (H, W) on first use (``build``: exported, checked,
+    ready to run; raises :class:`RuntimeRejected`), torch (``fallback``) for shapes it rejects."""
+
+    def __init__(
+        self, name: str, build: Callable[[tuple[int, int]], BatchRunner], fallback: BatchRunner
+    ) -> None:
+        self.name = name
+        self.build = build
+        self.fallback = fallback
+        self.runners: dict[tuple[int, int], BatchRunner] = {}
+        self.fallback_reasons: dict[tuple[int, int], str] = {}
+
+    def runner_for(self, input_hw: tuple[int, int]) -> BatchRunner:
+        runner = self.runners.get(input_hw)
+        if runner is None:
+            try:
+                runner = self.build(input_hw)
+            except RuntimeRejected as exc:
+                log.warning(
+                    "%s not used for inputs %s, torch runs them: %s", self.name, input_hw, exc
+                )
+                self.fallback_reasons[input_hw] = str(exc)
+                runner = self.fallback
+            self.runners[input_hw] = runner
+        return runner
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        return self.runner_for((int(batch.shape[-2]), int(batch.shape[-1])))(batch)

@@ -1,0 +1,263 @@
+"""The embedding runtime of a model on this machine: forced, or measured once and cached.
+
+``model.runtime=auto`` on CPU: the first use of a (CPU model + its bf16/AMX/AVX flags, torch
+threads, backbone + weights sha256, resolution, batch, precision, library versions, candidate
+runtimes) measures every candidate (``anomalydino_core.runtimes.measure``: interleaved rounds,
+median) and writes the choice with its figures to
+``<cache>/runtimes/<backbone>-<resolution>-<digest>.json``; later processes read it and measure
+nothing. Delete the file (or change the key) to measure again. On CUDA ``auto`` is torch.
+
+``<cache>`` is ``$ANOMALYDINO_CACHE``, else ``~/.cache/anomalydino``; exported models live under
+``<cache>/exports`` (``tasks/exports.py``). An exported runtime is checked against fp32 torch
+(cosine >= 0.999 per patch) on its first use per input size in each process; a failed check
+or export leaves that size to torch, with the reason logged (and, during calibration, recorded
+in the JSON as ``rejected``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from anomalydino_core.features import PatchFeatureExtractor
+from anomalydino_core.runtimes import (
+    EXPORTED,
+    BatchRunner,
+    Calibration,
+    PerShapeRunner,
+    RuntimeRejected,
+    applicability,
+    candidates,
+    check_against_torch,
+    has_vit_cpu_blocks,
+    measure,
+    probe_batch,
+)
+from tasks.exports import ensure_export, exporter_versions, open_export
+
+log = logging.getLogger(__name__)
+
+#: CPU flags that decide which runtime is fastest (bf16 and int8 matrix units, vector width).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cache_root(environ: Mapping[str, str] = os.environ) -> Path:
+    """``$ANOMALYDINO_CACHE``, else ``~/.cache/anomalydino``."""
+    return Path(environ.get("ANOMALYDINO_CACHE") or Path.home() / ".cache" / "anomalydino")
+
+
+def cpu_identity(cpuinfo: str | None = None) -> dict[str, object]:
+    """The CPU's model name (as ``lscpu`` shows it) and which of :data:`CPU_FLAGS` it has."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    name = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    flags_line = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    flags = set(flags_line.group(1).split()) if flags_line else set()
+    return {
+        "model_name": name.group(1).strip() if name else "unknown",
+        "flags": [f for f in CPU_FLAGS if f in flags],
+    }
+
+
+def installed_runtimes() -> frozenset[str]:
+    """The exported runtimes whose packages are installed (OpenVINO; ONNX Runtime with the
+    onnx + onnxscript exporter)."""
+    found = set()
+    if importlib.util.find_spec("openvino") is not None:
+        found.add("openvino")
+    if all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx", "onnxscript")):
+        found.add("onnx")
+    return frozenset(found)
+
+
+@dataclass(frozen=True)
+class RuntimeDecision:
+    """Which runtime embeds, why, and the measurement behind it (None: nothing measured)."""
+
+    requested: str
+    runtime: str
+    calibration: Calibration | None = None
+    measured_now: bool = False
+    cache_file: Path | None = None
+
+    def text(self) -> str:
+        if self.calibration is None:
+            return f"runtime {self.runtime} (model.runtime={self.requested})"
+        source = "measured now" if self.measured_now else f"cached in {self.cache_file}"
+        return f"{self.calibration.text()}, {source}"
+
+
+def calibration_key(
+    extractor: PatchFeatureExtractor, threads: int, runtimes: list[str]
+) -> dict[str, object]:
+    """What a calibration's outcome depends on (see the module docstring)."""
+    identity = extractor.backbone.identity
+    versions = {"torch": torch.__version__}
+    for name in runtimes:
+        if name in EXPORTED:
+            versions.update(exporter_versions(name))
+    return {
+        "cpu": cpu_identity(),
+        "threads": int(threads),
+        "backbone": identity.name,
+        "weights_sha256": identity.weights_sha256,
+        "resolution": extractor.preprocess.resolution,
+        "batch_size": extractor.batch_size,
+        "precision": extractor.precision,
+        "runtimes": list(runtimes),
+        "versions": versions,
+    }
+
+
+def calibration_file(key: Mapping[str, object], root: Path) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return root / "runtimes" / f"{key['backbone']}-{key['resolution']}-{digest}.json"
+
+
+def read_calibration(path: Path, key: Mapping[str, object]) -> Calibration | None:
+    """The cached calibration of ``key`` in ``path`` (None: absent, unreadable, another key)."""
+    try:
+        data = json.loads(path.read_text())
+        if data.get("key") != json.loads(json.dumps(key)):
+            return None
+        return Calibration.from_dict(data)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("runtime calibration %s unreadable, measuring again: %s", path, exc)
+        return None
+
+
+def write_calibration(path: Path, key: Mapping[str, object], calibration: Calibration) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"key": key, **calibration.to_dict(), "measured_at": dt.datetime.now(dt.UTC).isoformat()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _exported_runner(
+    extractor: PatchFeatureExtractor, fmt: str, threads: int, root: Path, input_hw: tuple[int, int]
+) -> BatchRunner:
+    """Export (or find) ``fmt`` for ``input_hw``, open it and check it against fp32 torch."""
+    try:
+        folder, _ = ensure_export(extractor.backbone, fmt, input_hw, root / "exports")
+        runner = open_export(folder, fmt, precision=extractor.precision, threads=threads)
+    except Exception as exc:  # an exporter or compiler error of any kind: torch runs it
+        raise RuntimeRejected(f"{fmt} export failed ({type(exc).__name__}: {exc})") from exc
+    check = check_against_torch(runner, fmt, extractor.module, input_hw)
+    if not check.passed:
+        raise RuntimeRejected(check.text())
+    log.info("%s", check.text())
+    return runner
+
+
+def build_runner(
+    extractor: PatchFeatureExtractor, runtime: str, threads: int, root: Path
+) -> BatchRunner:
+    """A runner of ``runtime`` for ``extractor`` (exported ones: per input size, torch for a
+    size whose export fails its check)."""
+    if runtime in ("torch", "vit_cpu"):
+        return extractor.torch_runner(vit_cpu_blocks=runtime == "vit_cpu")
+    build = partial(_exported_runner, extractor, runtime, threads, root)
+    return PerShapeRunner(runtime, build, fallback=extractor.torch_runner())
+
+
+def _why_not(extractor: PatchFeatureExtractor, runtime: str) -> str | None:
+    return applicability(
+        runtime,
+        device_type=extractor.device.type,
+        precision=extractor.precision,
+        has_vit_cpu=has_vit_cpu_blocks(extractor.module),
+        installed=installed_runtimes(),
+    )
+
+
+def attach_runtime(
+    extractor: PatchFeatureExtractor,
+    runtime: str,
+    *,
+    threads: int,
+    root: Path | None = None,
+    remeasure: bool = False,
+    rounds: int | None = None,
+) -> RuntimeDecision:
+    """Give ``extractor`` the runtime ``runtime`` (``auto``: calibrated, see the module doc).
+
+    A forced runtime that cannot run this model here is an error naming the reason.
+    ``remeasure``: measure even when a cached choice exists (the benches).
+    """
+    root = root or cache_root()
+    if runtime != "auto":
+        why = _why_not(extractor, runtime)
+        if why is not None:
+            raise ValueError(f"model.runtime={runtime}: {why}")
+        extractor.use_runner(build_runner(extractor, runtime, threads, root))
+        return RuntimeDecision(runtime, runtime)
+    names, _ = candidates(
+        device_type=extractor.device.type,
+        precision=extractor.precision,
+        has_vit_cpu=has_vit_cpu_blocks(extractor.module),
+        installed=installed_runtimes(),
+    )
+    if len(names) == 1:
+        return RuntimeDecision("auto", extractor.runtime)
+    key = calibration_key(extractor, threads, names)
+    path = calibration_file(key, root)
+    cached = None if remeasure else read_calibration(path, key)
+    if cached is not None:
+        extractor.use_runner(build_runner(extractor, cached.choice, threads, root))
+        return RuntimeDecision("auto", cached.choice, cached, False, path)
+    calibration, runners = calibrate(extractor, names, threads, root, rounds=rounds)
+    write_calibration(path, key, calibration)
+    extractor.use_runner(runners[calibration.choice])
+    decision = RuntimeDecision("auto", calibration.choice, calibration, True, path)
+    log.info("%s", decision.text())
+    return decision
+
+
+def calibrate(
+    extractor: PatchFeatureExtractor,
+    names: list[str],
+    threads: int,
+    root: Path,
+    *,
+    rounds: int | None = None,
+) -> tuple[Calibration, dict[str, BatchRunner]]:
+    """(the calibration, its runners) of ``names`` measured on a (batch, 3, resolution,
+    resolution) batch with ``threads`` torch threads; exported runtimes that fail their export or check are left out with the reason."""
+    size = extractor.preprocess.resolution
+    batch = probe_batch((size, size), batch=extractor.batch_size)
+    runners: dict[str, BatchRunner] = {}
+    rejected: dict[str, str] = {}
+    for name in names:
+        runner = build_runner(extractor, name, threads, root)
+        if isinstance(runner, PerShapeRunner):
+            runner.runner_for((size, size))
+            if (size, size) in runner.fallback_reasons:
+                rejected[name] = runner.fallback_reasons[(size, size)]
+                continue
+        runners[name] = runner
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        calls = {name: partial(runner, batch) for name, runner in runners.items()}
+        extra = {} if rounds is None else {"rounds": rounds}
+        calibration = measure(calls, images_per_call=batch.shape[0], rejected=rejected, **extra)
+    finally:
+        torch.set_num_threads(saved_threads)
+    return calibration, runners

@@ -1,0 +1,119 @@
+"""anomalydino_core.runtimes: interleaved measurement, runtime rules, per-shape dispatch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anomalydino_core.backbones import build_backbone
+from anomalydino_core.features import PatchFeatureExtractor
+from anomalydino_core.runtimes import (
+    Calibration,
+    PerShapeRunner,
+    RuntimeRejected,
+    candidates,
+    measure,
+    patch_cosines,
+    runtime_precision,
+)
+
+
+class _Clock:
+    """A clock the candidates advance by their cost: the choice depends on costs, not load."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_measure_interleaves_rounds_and_picks_the_lowest_median():
+    clock = _Clock()
+    calls: list[str] = []
+    costs = {"torch": [0.9, 0.9, 0.9, 0.9], "openvino": [0.5, 2.0, 0.5, 0.5], "onnx": [0.6] * 4}
+
+    def candidate(name: str):
+        def run() -> None:
+            calls.append(name)
+            clock.now += costs[name][calls.count(name) - 1]
+
+        return run
+
+    result = measure(
+        {n: candidate(n) for n in costs}, images_per_call=2, rounds=3, clock=clock, settle_s=0
+    )
+    assert calls[:3] == ["torch", "openvino", "onnx"]  # the warm-up
+    assert calls[3:6] == ["torch", "openvino", "onnx"]  # round 1
+    assert calls[6:9] == ["openvino", "onnx", "torch"]  # round 2: order rotated
+    assert result.choice == "openvino"  # a slow round (2.0) does not move the median
+    figures = {f.runtime: f for f in result.figures}
+    assert figures["openvino"].median_ms == pytest.approx(250.0)
+    assert figures["openvino"].max_ms == pytest.approx(1000.0)
+    assert [f.runtime for f in result.figures] == ["openvino", "onnx", "torch"]
+    again = Calibration.from_dict(result.to_dict())  # the cached form reads back
+    assert again.to_dict() == result.to_dict() and again.choice == "openvino"
+
+
+def test_calibration_with_a_choice_it_has_no_figures_for_is_refused():
+    data = {"choice": "onnx", "figures": [], "rejected": {}}
+    with pytest.raises(ValueError, match="no figures"):
+        Calibration.from_dict(data)
+    with pytest.raises(ValueError, match="no runtime"):
+        measure({}, images_per_call=1)
+
+
+def test_runtime_rules():
+    installed = frozenset({"openvino", "onnx"})
+    names, why = candidates(
+        device_type="cpu", precision="bf16", has_vit_cpu=True, installed=installed
+    )
+    assert names == ["torch", "vit_cpu", "openvino"] and "fp32 only" in why["onnx"]
+    names, why = candidates(
+        device_type="cpu", precision="fp32", has_vit_cpu=False, installed=frozenset()
+    )
+    assert names == ["torch"] and "pip" in why["openvino"] and "DINOv2" in why["vit_cpu"]
+    names, why = candidates(
+        device_type="cuda", precision="bf16", has_vit_cpu=True, installed=installed
+    )
+    assert names == ["torch"] and "CPU only" in why["openvino"]
+    assert runtime_precision("onnx", "auto") == "fp32"
+    assert runtime_precision("openvino", "auto") == "auto"
+    with pytest.raises(ValueError, match="fp32 only"):
+        runtime_precision("onnx", "bf16")
+
+
+def test_torch_and_vit_cpu_runners_give_the_extractors_grids():
+    backbone = build_backbone("dinov2_vits14")
+    ex = PatchFeatureExtractor(backbone, resolution=112, precision="bf16", device="cpu")
+    x = torch.randn(2, 3, 112, 140)
+    assert ex.runtime == "vit_cpu"  # the default before runtimes could be chosen
+    timm_blocks = ex.torch_runner(vit_cpu_blocks=False)
+    loop = ex.torch_runner(vit_cpu_blocks=True)
+    assert (timm_blocks.name, loop.name) == ("torch", "vit_cpu")
+    a, b = timm_blocks(x), loop(x)
+    assert a.shape == b.shape == (2, 8, 10, 384) and not np.array_equal(a, b)
+    assert patch_cosines(a, b).min() >= 0.999
+    np.testing.assert_array_equal(ex._run(x), b)
+    ex.use_runner(timm_blocks)  # the module follows, so FoundAD's pass runs the same blocks
+    assert ex.runtime == "torch" and backbone.module.cpu_bf16_blocks is False
+    np.testing.assert_array_equal(ex._run(x), a)
+
+
+def test_per_shape_runner_builds_once_per_size_and_falls_back_with_the_reason():
+    built: list[tuple[int, int]] = []
+
+    def build(hw):
+        built.append(hw)
+        if hw[1] != hw[0]:
+            raise RuntimeRejected(f"no export for {hw}")
+        return lambda batch: np.ones((batch.shape[0], 1, 1, 1), np.float32)
+
+    runner = PerShapeRunner("openvino", build, fallback=lambda b: np.zeros((b.shape[0], 1, 1, 1)))
+    assert runner(torch.zeros(2, 3, 4, 4)).sum() == 2
+    assert runner(torch.zeros(1, 3, 4, 4)).sum() == 1
+    assert runner(torch.zeros(1, 3, 4, 8)).sum() == 0  # torch ran it
+    runner(torch.zeros(1, 3, 4, 8))
+    assert built == [(4, 4), (4, 8)]
+    assert runner.fallback_reasons == {(4, 8): "no export for (4, 8)"}

@@ -1,0 +1,175 @@
+"""Runtimes through the I/O layer: every runtime against fp32 torch on both backbones, the
+calibration cache, forced runtimes, the export cache's hash check and the failed-check fallback.
+
+Real exports (OpenVINO, ONNX Runtime) into one temporary cache per module: no mocks. Nothing
+here asserts a speed; which runtime is faster is the benches' business (bench/embed.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from anomalydino_core.backbones import build_backbone
+from anomalydino_core.config import ModelSettings
+from anomalydino_core.runtimes import OnnxRunner, OpenVinoRunner, PerShapeRunner, patch_cosines
+from tasks.exports import ExportKey, _write_export, damage, ensure_export, open_export
+from tasks.models import build_extractor
+from tasks.runtimes import attach_runtime, cache_root, cpu_identity, read_calibration
+from tasks.weights import load_backbone
+
+RES = 224
+#: a square and a landscape image: two input sizes, two exports per exported runtime
+IMAGES = [
+    np.random.default_rng(0).integers(0, 255, (RES, RES, 3), dtype=np.uint8),
+    np.random.default_rng(1).integers(0, 255, (RES, 300, 3), dtype=np.uint8),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("anomalydino-cache")
+    saved = os.environ.get("ANOMALYDINO_CACHE")
+    os.environ["ANOMALYDINO_CACHE"] = str(root)
+    yield root
+    if saved is None:
+        os.environ.pop("ANOMALYDINO_CACHE", None)
+    else:
+        os.environ["ANOMALYDINO_CACHE"] = saved
+
+
+@pytest.fixture(scope="module")
+def backbones():
+    return {
+        "dinov2_vits14": load_backbone("dinov2_vits14", weights="random"),
+        "efficientnet_lite0": load_backbone("efficientnet_lite0"),
+    }
+
+
+def _settings(name: str, **kw) -> ModelSettings:
+    return ModelSettings(backbone=name, resolution=RES, threads=2, batch_size=2, **kw)
+
+
+def _fp32_torch(backbone) -> list[np.ndarray]:
+    model = _settings(backbone.identity.name, precision="fp32", runtime="torch")
+    return build_extractor(model, backbone).embed(IMAGES)
+
+
+@pytest.mark.parametrize(
+    ("name", "runtime", "precision"),
+    [
+        ("dinov2_vits14", "torch", "bf16"),
+        ("dinov2_vits14", "vit_cpu", "bf16"),
+        ("dinov2_vits14", "openvino", "bf16"),
+        ("dinov2_vits14", "onnx", "auto"),  # fp32: ONNX Runtime has no bf16 CPU kernels
+        ("efficientnet_lite0", "torch", "fp32"),
+        ("efficientnet_lite0", "openvino", "fp32"),
+        ("efficientnet_lite0", "onnx", "fp32"),
+    ],
+)
+def test_each_runtime_gives_the_fp32_torch_grids(backbones, name, runtime, precision):
+    backbone = backbones[name]
+    reference = _fp32_torch(backbone)
+    ex = build_extractor(_settings(name, runtime=runtime, precision=precision), backbone)
+    assert ex.runtime == runtime  # forced: honoured
+    grids = ex.embed(IMAGES)
+    for got, ref in zip(grids, reference, strict=True):
+        assert got.shape == ref.shape and got.dtype == np.float32
+        assert patch_cosines(got, ref).min() >= 0.999
+    if runtime in ("openvino", "onnx"):
+        assert isinstance(ex.runner, PerShapeRunner) and not ex.runner.fallback_reasons
+        kind = OpenVinoRunner if runtime == "openvino" else OnnxRunner
+        assert len(ex.runner.runners) == 2  # one export per input size
+        assert all(isinstance(r, kind) for r in ex.runner.runners.values())
+    if runtime == "onnx":
+        assert ex.precision == "fp32"
+
+
+def test_impossible_forced_runtimes_are_refused_with_the_reason(backbones):
+    with pytest.raises(ValueError, match="vit_cpu runs plain DINOv2"):
+        build_extractor(
+            _settings("efficientnet_lite0", runtime="vit_cpu"), backbones["efficientnet_lite0"]
+        )
+    with pytest.raises(ValueError, match="bf16 path"):
+        build_extractor(
+            _settings("dinov2_vits14", runtime="vit_cpu", precision="fp32"),
+            backbones["dinov2_vits14"],
+        )
+    with pytest.raises(ValidationError, match="fp32 only"):
+        ModelSettings(runtime="onnx", precision="bf16")
+
+
+def test_calibration_picks_its_fastest_caches_the_figures_and_measures_a_new_key_again(
+    backbones, cache
+):
+    backbone = backbones["efficientnet_lite0"]  # fp32: torch, openvino and onnx compete
+    model = _settings("efficientnet_lite0", runtime="torch")
+    first = attach_runtime(build_extractor(model, backbone), "auto", threads=2, rounds=2)
+    assert first.measured_now and first.cache_file is not None and first.cache_file.is_file()
+    figures = first.calibration.figures
+    assert {f.runtime for f in figures} == {"torch", "openvino", "onnx"}
+    assert first.runtime == figures[0].runtime  # the lowest median wins
+    assert [f.median_ms for f in figures] == sorted(f.median_ms for f in figures)
+    stored = json.loads(first.cache_file.read_text())
+    assert stored["choice"] == first.runtime and stored["key"]["cpu"] == cpu_identity()
+    assert len(stored["figures"]) == 3 and stored["figures"][0]["rounds"] == 2
+    assert first.cache_file.parent == cache_root() / "runtimes"
+
+    ex = build_extractor(model, backbone)
+    again = attach_runtime(ex, "auto", threads=2)
+    assert not again.measured_now and again.runtime == first.runtime == ex.runtime
+    assert json.loads(first.cache_file.read_text()) == stored  # not measured, not rewritten
+    assert patch_cosines(ex.embed(IMAGES[:1])[0], _fp32_torch(backbone)[0]).min() >= 0.999
+
+    other = attach_runtime(
+        build_extractor(model.model_copy(update={"resolution": 256}), backbone),
+        "auto",
+        threads=2,
+        rounds=1,
+    )
+    assert other.measured_now and other.cache_file != first.cache_file
+    assert read_calibration(first.cache_file, stored["key"]) is not None  # the first one stays
+
+
+def test_a_corrupted_cached_export_is_detected_and_rebuilt(backbones, cache):
+    backbone = backbones["efficientnet_lite0"]
+    folder, _ = ensure_export(backbone, "openvino", (RES, RES), cache / "exports")
+    key = ExportKey.of(backbone, "openvino", (RES, RES))
+    assert damage(folder, key) is None
+    weights = folder / "model.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert "sha256" in damage(folder, key)
+    again, written = ensure_export(backbone, "openvino", (RES, RES), cache / "exports")
+    assert again == folder and written and damage(folder, key) is None
+    runner = open_export(folder, "openvino", precision="fp32", threads=2)
+    reference = _fp32_torch(backbone)[0]
+    x = build_extractor(_settings("efficientnet_lite0", runtime="torch"), backbone)
+    from anomalydino_core.features import to_input_tensor
+
+    got = runner(to_input_tensor(IMAGES[0], x.preprocess)[None])[0]
+    assert patch_cosines(got, reference).min() >= 0.999
+
+
+def test_an_export_that_fails_its_check_leaves_the_size_to_torch_with_the_reason(tmp_path):
+    backbone = build_backbone("efficientnet_lite0", seed=0)  # random weights, own identity
+    wrong = build_backbone("efficientnet_lite0", seed=1)  # what a broken exporter might write
+    key = ExportKey.of(backbone, "onnx", (RES, RES))
+    folder = key.folder(tmp_path / "exports")
+    folder.mkdir(parents=True)
+    _write_export(wrong, key, folder)  # a complete export with a valid manifest, wrong features
+    assert damage(folder, key) is None
+    model = _settings("efficientnet_lite0", runtime="torch")
+    ex = build_extractor(model, backbone)
+    torch_grid = ex.embed(IMAGES[:1])[0]
+    attach_runtime(ex, "onnx", threads=2, root=tmp_path)
+    grid = ex.embed(IMAGES[:1])[0]
+    reasons = ex.runner.fallback_reasons
+    assert list(reasons) == [(RES, RES)] and "FAILED" in reasons[(RES, RES)]
+    np.testing.assert_array_equal(grid, torch_grid)  # torch ran it
