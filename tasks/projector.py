@@ -1,7 +1,8 @@
 """FoundAD projectors, stored beside the bank they were trained for.
 
-A projector lives in ``<bank>/foundad/<projector_key>/``: ``projector.safetensors`` (the
-weights) and ``projector.json`` (:class:`ProjectorManifest`: backbone identity and layer, every
+A projector lives in ``<bank>/foundad/<projector_key>/``: ``projector-<sha256[:16]>.safetensors``
+(the weights, named by their content, so that two runs training the same projector at once never
+overwrite each other's weights: each ``projector.json`` names its own) and ``projector.json`` (:class:`ProjectorManifest`: backbone identity and layer, every
 training and scoring setting, the seed, the loss curve, why training stopped, its time, the
 held-out scores and the threshold derived from them), written last, so a projector without
 ``projector.json`` does not exist for readers. ``projector_key`` hashes the token identity
@@ -29,7 +30,6 @@ from tasks.storage import StorageConfig, join, read_bytes
 
 PROJECTOR_FORMAT = "anomalydino.foundad_projector/1"
 MANIFEST = "projector.json"
-WEIGHTS = "projector.safetensors"
 #: what must match between a stored projector and the one a run asks for
 IDENTITY_FIELDS = ("token_key", "backbone", "weights_sha256", "layer", "config")
 
@@ -51,6 +51,11 @@ def projector_key(token_key: str, config: FoundADConfig) -> str:
 
 def projector_uri(bank_uri: str, key: str) -> str:
     return join(bank_uri, "foundad", key)
+
+
+def weights_file(sha256: str) -> str:
+    """The weights' file name: their content hash (see the module docstring)."""
+    return f"projector-{sha256[:16]}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -79,15 +84,19 @@ class ProjectorManifest:
     held_out_anomaly_scores: list[float]
     derived_threshold: float | None
     threshold_reason: str
-    projector_sha256: str  # of projector.safetensors
+    projector_sha256: str  # of the weights file
     n_parameters: int
     created_at: str = ""
     format: str = PROJECTOR_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def weights_file(self) -> str:
+        return weights_file(self.projector_sha256)
+
+    @property
     def weights_uri(self) -> str:
-        return join(self.uri, WEIGHTS)
+        return join(self.uri, self.weights_file)
 
     def identity(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in IDENTITY_FIELDS}

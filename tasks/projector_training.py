@@ -4,7 +4,7 @@ It reads the bank's reference images (each checked against the content sha256 th
 recorded: a reference changed since is an error naming it), places CutPaste anomalies on the
 object when the bank's masking decision is on (the stored foreground masks), trains with the
 process's backbone under ``compute_lock()``, derives the threshold from the held-out normal
-scores and writes ``projector.safetensors`` then ``projector.json``.
+scores and writes the weights (``tasks.projector``) then ``projector.json``.
 """
 
 from __future__ import annotations

@@ -61,7 +61,9 @@ def test_bank_flow_stores_the_projector_beside_the_bank(both) -> None:
     assert meta["config"]["training"]["seed"] == 0 and meta["stopped_by"] == "max_epochs"
     assert len(meta["history"]) == 2 and len(meta["held_out_normal_scores"]) == 6
     assert meta["derived_threshold"] >= max(meta["held_out_normal_scores"])
-    assert (folder / "projector.safetensors").stat().st_size > 1_000_000
+    (weights,) = folder.glob("projector-*.safetensors")
+    assert weights.name == f"projector-{meta['projector_sha256'][:16]}.safetensors"
+    assert weights.stat().st_size > 1_000_000
 
 
 def test_both_scores_side_by_side_knn_decides(both) -> None:
@@ -85,7 +87,7 @@ def test_both_scores_side_by_side_knn_decides(both) -> None:
     assert df.loc["truncated.png", "verdict"] == "error"
     assert pd.isna(df.loc["truncated.png", "foundad_score"])
     page = Path(first.html_uri).read_text()
-    assert "<th scope=\"col\" data-type=\"num\">FoundAD score</th>" in page
+    assert '<th scope="col" data-type="num">FoundAD score</th>' in page
     assert "kNN decides; FoundAD beside it" in page and "foundad_held_out" in page
 
 
@@ -134,7 +136,7 @@ def test_a_stored_projector_of_another_layer_or_other_bytes_is_refused(both) -> 
     root, cfg, _, _ = both
     folder = projector_dirs(root)[0]
     manifest = folder / "projector.json"
-    weights = folder / "projector.safetensors"
+    (weights,) = folder.glob("projector-*.safetensors")
     original, data = manifest.read_text(), weights.read_bytes()
     try:
         meta = json.loads(original)
