@@ -245,6 +245,14 @@ class _Plan:
     cache_bank: bool
 
 
+def budget_side(precision: Precision, memory_budget_bytes: int, k: int) -> int:
+    """The square tile side the budget allows (see the module docstring: Memory)."""
+    s = 2 if precision == "bf16" else 4
+    elements = int(min(MAX_TILE_ELEMENTS, 0.2 * _PLANNED * memory_budget_bytes / (s + 2)))
+    # at least 4k columns per tile, so that a first tile yields a tight provisional threshold
+    return max(ALIGN, math.isqrt(elements) // ALIGN * ALIGN, _round_up(4 * k, ALIGN))
+
+
 def _plan(
     precision: Precision,
     memory_budget_bytes: int,
@@ -260,8 +268,7 @@ def _plan(
     bank_bytes = total * (dim + 1) * s
     cache_bank = bank_bytes <= 0.4 * budget
     elements = int(min(MAX_TILE_ELEMENTS, 0.2 * budget / (s + 2)))
-    # at least 4k columns per tile, so that a first tile yields a tight provisional threshold
-    side = max(ALIGN, math.isqrt(elements) // ALIGN * ALIGN, _round_up(4 * k, ALIGN))
+    side = budget_side(precision, memory_budget_bytes, k)
     query_block = query_block_rows or side
     bank_block = bank_block_rows or side
     per_row = (int(CAP_FACTOR * k) + 2) * s + 8 + (dim + 1) * s  # tail buffer, query row

@@ -67,6 +67,8 @@ def peak_rss_bytes() -> int:
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
+    from anomalydino_core import zero_shot
+    from anomalydino_core.mutual_topk import budget_side, tail_size
     from anomalydino_core.zero_shot import MutualScoringConfig, score_mutual
 
     torch.set_num_threads(args.threads)
@@ -94,6 +96,9 @@ def worker(args: argparse.Namespace) -> dict:
         "budget": budget,
         "mean_score": float(np.mean([r.score for r in results])),
     }
+    k = tail_size("code_mean", config.alpha, (n - 1) * GRID * GRID)
+    side = budget_side(args.precision, budget, k)
+    out["tile"] = list(zero_shot.tuned_tile(args.precision, DIM, k, side))  # cached: free
     if args.compare:
         reference = score_mutual(
             grids,
@@ -138,6 +143,9 @@ def main() -> None:
         return
 
     root = Path(__file__).resolve().parent.parent
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if "Model" in ln), "?")
+    print(f"CPU: {model}; threads={args.threads}", flush=True)
     env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     rows = []
     for n in [int(x) for x in args.n.split(",")]:
@@ -175,7 +183,8 @@ def main() -> None:
             f"{r['feature_bytes'] / gib:.3f} GiB, budget {r['budget'] / gib:.2f} GiB | "
             f"peak < budget + features: {r['peak_rss'] < limit}; scoring's own growth "
             f"{(r['peak_rss'] - r['rss_before']) / gib:.2f} GiB < budget: "
-            f"{r['peak_rss'] - r['rss_before'] < r['budget']}",
+            f"{r['peak_rss'] - r['rss_before'] < r['budget']} | measured tile "
+            f"{r['tile'][1]} ({r['tile'][0]})",
             flush=True,
         )
         if "compare" in r:

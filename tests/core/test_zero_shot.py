@@ -225,3 +225,27 @@ def test_without_sizes_no_maps_and_validation() -> None:
     with pytest.raises(ValueError):
         MutualScoringConfig(statistic="median")  # type: ignore[arg-type]
     assert score_mutual(grids, query_indices=[]) == []
+
+
+def test_measured_tiles_on_a_large_batch_give_the_blocked_results() -> None:
+    """5 x 1024 patches (> TUNE_MIN): the tile side is measured; the scores are those of small
+    explicit blocks, up to float rounding."""
+    from anomalydino_core import zero_shot
+
+    rng = np.random.default_rng(9)
+    base = rng.normal(size=(32, 32, 16))
+    grids = [(base + rng.normal(0, 0.5, base.shape)).astype(np.float32) for _ in range(5)]
+    assert zero_shot.TUNE_MIN <= 5 * 1024
+    tuned = score_mutual(grids, query_indices=[0, 3], config=MutualScoringConfig(device="cpu"))
+    blocked = score_mutual(
+        grids,
+        query_indices=[0, 3],
+        config=MutualScoringConfig(device="cpu", query_block_rows=256, bank_block_rows=192),
+    )
+    for a, b in zip(tuned, blocked, strict=True):
+        np.testing.assert_allclose(a.patch_scores, b.patch_scores, rtol=0, atol=1e-6)
+    precision, side = zero_shot.tuned_tile("fp32", 16, 4, 4096)
+    assert precision == "fp32" and side in zero_shot.TILE_SIDES
+    assert zero_shot.tuned_tile("fp32", 16, 4, 1024) == ("fp32", 1024)  # the budget's side
+    precision, side = zero_shot.tuned_tile("bf16", 16, 4, 4096)
+    assert precision in ("bf16", "fp32") and side in zero_shot.TILE_SIDES
