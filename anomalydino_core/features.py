@@ -95,7 +95,8 @@ class PatchFeatureExtractor:
     bf16 on CPU, as before runtimes could be chosen); ``use_runner`` swaps in another runtime
     (``anomalydino_core.runtimes``; ``tasks/runtimes.py`` calibrates and attaches one). Every
     runner returns the same (B, gh, gw, C) grids; the runtime is no part of ``settings``
-    (``tasks/models.py feature_settings`` says why).
+    (``tasks/models.py feature_settings`` says why). FoundAD (``embed_with_foundad``) always
+    runs ``module``: an exported runtime has no FoundAD layer (docs/runtimes.md).
     """
 
     def __init__(

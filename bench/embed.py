@@ -1,78 +1,127 @@
-"""Embedding speed: ms per image (median of several runs) per backbone, precision and batch size.
+"""Embedding speed per runtime: ms per image side by side, and the calibration's pick.
 
     python bench/embed.py [--backbones dinov2_vits14,efficientnet_lite0] [--resolution 448]
-                          [--batches 1,8] [--precisions fp32,bf16] [--threads 2] [--repeats 5]
-                        [--device cpu|cuda|auto]
+                          [--batch 8] [--precision auto] [--threads 2] [--rounds 5]
+                          [--runtimes torch,vit_cpu,openvino,onnx] [--device cpu|cuda]
 
-DINOv2 runs with random weights (the official ones cannot be downloaded here; speed does not
-depend on the values). Model time only: inputs are preprocessed tensors already. The last line
-of each backbone also prints preprocessing time (decode excluded) for one 900x900 image.
+Prints the CPU (``lscpu`` model name, the amx_bf16 / avx512_bf16 flags), then per backbone every
+runtime that can run it here: median and range of ms per image over ``--rounds`` interleaved
+rounds (``anomalydino_core.runtimes.measure``; model time only, inputs are preprocessed tensors),
+the least patch cosine to fp32 torch, and which runtime the pipeline's calibration picks
+(measured afresh into a temporary cache, with its own figures: a second, shorter measurement).
+DINOv2 runs with random weights (speed does not depend on the values); EfficientNet-Lite0 runs
+at batch 1 on CPU as the pipeline does (``cpu_batch_size``). Exports are cached in
+``$ANOMALYDINO_CACHE`` (first run: minutes of export per runtime and backbone).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import subprocess
+import tempfile
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from anomalydino_core.features import PatchFeatureExtractor, select_device, to_input_tensor
-from tasks.models import tune_allocator
+from anomalydino_core.config import ModelSettings
+from anomalydino_core.runtimes import (
+    PerShapeRunner,
+    fp32_reference,
+    measure,
+    patch_cosines,
+    probe_batch,
+)
+from tasks.models import build_extractor, tune_allocator
+from tasks.runtimes import (
+    attach_runtime,
+    build_runner,
+    cache_root,
+    cpu_identity,
+    why_not,
+)
 from tasks.weights import load_backbone
 
 
-def median_ms_per_image(ex: PatchFeatureExtractor, batch: torch.Tensor, repeats: int) -> float:
-    ex._run(batch)  # warm-up (oneDNN kernel selection)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        ex._run(batch)
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * statistics.median(times) / batch.shape[0]
+def cpu_line() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        name = next(
+            line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line
+        )
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        name = str(cpu_identity()["model_name"])
+    flags = [f for f in ("amx_bf16", "avx512_bf16") if f in cpu_identity()["flags"]]
+    return f"CPU: {name}; flags: {' '.join(flags) or 'neither amx_bf16 nor avx512_bf16'}"
+
+
+def bench_backbone(name: str, args: argparse.Namespace) -> None:
+    weights = "random" if name.startswith("dinov2") else None
+    backbone = load_backbone(name, weights=weights)
+    model = ModelSettings(
+        backbone=name,
+        resolution=args.resolution,
+        precision=args.precision,
+        device=args.device,
+        batch_size=args.batch,
+        threads=args.threads,
+        runtime="torch",
+    )
+    ex = build_extractor(model, backbone)
+    size = ex.preprocess.resolution
+    batch = probe_batch((size, size), batch=ex.batch_size)
+    reference = fp32_reference(ex.module, batch)
+    runners, notes = {}, {}
+    for runtime in args.runtimes.split(","):
+        why = why_not(ex, runtime)
+        if why is not None:
+            notes[runtime] = f"not here: {why}"
+            continue
+        runner = build_runner(ex, runtime, args.threads, cache_root())
+        if (
+            isinstance(runner, PerShapeRunner)
+            and runner.runner_for((size, size)) is runner.fallback
+        ):
+            notes[runtime] = f"rejected: {runner.fallback_reasons[(size, size)]}"
+            continue
+        runners[runtime] = runner
+    cosines = {rt: float(patch_cosines(r(batch), reference).min()) for rt, r in runners.items()}
+    calls = {rt: partial(r, batch) for rt, r in runners.items()}
+    result = measure(calls, images_per_call=batch.shape[0], rounds=args.rounds)
+    print(f"\n{name} {size}x{size} batch {batch.shape[0]} {ex.precision} ({args.rounds} rounds)")
+    print(f"  {'runtime':<10}{'median ms/img':>14}{'range':>18}{'cos vs fp32':>13}")
+    for f in sorted(result.figures, key=lambda f: f.runtime):
+        span = f"{f.min_ms:.1f}-{f.max_ms:.1f}"
+        print(f"  {f.runtime:<10}{f.median_ms:>14.1f}{span:>18}{cosines[f.runtime]:>13.6f}")
+    for runtime, note in notes.items():
+        print(f"  {runtime:<10}{note}")
+    with tempfile.TemporaryDirectory() as tmp:  # exports shared, the calibration fresh
+        (Path(tmp) / "exports").symlink_to(cache_root() / "exports", target_is_directory=True)
+        picked = attach_runtime(
+            build_extractor(model, backbone), "auto", threads=args.threads, root=Path(tmp)
+        )
+    print(f"  calibration picks: {picked.text()}")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--backbones", default="dinov2_vits14,efficientnet_lite0")
     p.add_argument("--resolution", type=int, default=448)
-    p.add_argument("--batches", default="1,8")
-    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--runtimes", default="torch,vit_cpu,openvino,onnx")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (900, 900, 3), dtype=np.uint8)
-    device = select_device(args.device)
-    tune_allocator(device)  # as the pipeline does (ANOMALYDINO_MALLOC_TUNING=0: glibc's defaults)
-    where = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} threads"
-    )
-    print(f"{where} resolution={args.resolution} torch={torch.__version__}")
-    print(f"{'backbone':<20}{'precision':<10}{'batch':>6}{'ms/image':>10}{'images/s':>10}")
+    tune_allocator(args.device)  # as the pipeline does (ANOMALYDINO_MALLOC_TUNING=0: glibc's)
+    print(cpu_line())
+    print(f"{args.threads} threads, torch {torch.__version__}, numpy {np.__version__}")
+    (cache_root() / "exports").mkdir(parents=True, exist_ok=True)
     for name in args.backbones.split(","):
-        weights = "random" if name.startswith("dinov2") else None
-        backbone = load_backbone(name, weights=weights)
-        for precision in args.precisions.split(","):
-            ex = PatchFeatureExtractor(
-                backbone, resolution=args.resolution, precision=precision, device=str(device)
-            )
-            x = to_input_tensor(image, ex.preprocess)
-            for bs in (int(b) for b in args.batches.split(",")):
-                ms = median_ms_per_image(
-                    ex, x[None].expand(bs, -1, -1, -1).contiguous(), args.repeats
-                )
-                print(f"{name:<20}{precision:<10}{bs:>6}{ms:>10.1f}{1000 / ms:>10.1f}", flush=True)
-        t0 = time.perf_counter()
-        for _ in range(5):
-            to_input_tensor(image, ex.preprocess)
-        print(
-            f"{name:<20}preprocess 900x900 -> {ex.preprocess.input_size(image.shape[:2])}: "
-            f"{1000 * (time.perf_counter() - t0) / 5:.1f} ms/image"
-        )
+        bench_backbone(name, args)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ from typing import Any
 from flows.exits import outcome
 
 REPO = Path(__file__).resolve().parents[1]
+#: settings that do not change an export (it is fp32, batch-dynamic, CPU)
+EXPORT_EXCLUDES = frozenset(
+    {"root", "incoming", "references", "model.precision", "model.device", "model.runtime"}
+    | {"model.batch_size", "model.decode_max_pixels"}
+)
 QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 
 
@@ -166,22 +171,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Export a backbone for one input size, read it back and check it against fp32 torch."""
     import torch
 
-    from anomalydino_core.backbones import get_backbone_spec
     from anomalydino_core.runtimes import check_against_torch
     from tasks.exports import ensure_export, open_export
     from tasks.models import remote_fetcher
     from tasks.runtimes import cache_root
     from tasks.weights import load_backbone
 
-    preprocess = get_backbone_spec(args.backbone).preprocess(args.resolution)
-    image_hw = _image_size(args.image_size) if args.image_size else (args.resolution,) * 2
-    input_hw = preprocess.input_size(image_hw)
+    model = load_config(args).model
     backbone = load_backbone(
-        args.backbone, weights=args.weights, fetch_remote=remote_fetcher(None)
+        model.backbone, weights=model.weights, fetch_remote=remote_fetcher(None)
     )
+    preprocess = backbone.preprocess(model.resolution)
+    image_hw = _image_size(args.image_size) if args.image_size else (model.resolution,) * 2
+    input_hw = preprocess.input_size(image_hw)
     base = Path(args.output) if args.output else cache_root() / "exports"
     folder, written = ensure_export(backbone, args.format, input_hw, base)
-    threads = args.threads or torch.get_num_threads()
+    threads = model.threads or torch.get_num_threads()
     runner = open_export(folder, args.format, precision="fp32", threads=threads)
     check = check_against_torch(runner, args.format, backbone.module, input_hw)
     result = {
@@ -276,31 +281,19 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     rp.set_defaults(func=cmd_report)
 
     from anomalydino_core.choices import ExportFormat
-    from anomalydino_core.config import ModelSettings
+    from flows.settings_cli import add_settings_flags
 
-    defaults = ModelSettings()
     ex = sub.add_parser(
         "export",
-        help="export a backbone for OpenVINO or ONNX Runtime (checked against fp32 torch)",
+        help="export the model's backbone for OpenVINO or ONNX Runtime (checked against fp32 torch)",
     )
-    ex.add_argument("--backbone", required=True, help="a registered backbone, e.g. dinov2_vits14")
     ex.add_argument("--format", required=True, choices=typing.get_args(ExportFormat))
-    ex.add_argument(
-        "--resolution",
-        type=int,
-        default=defaults.resolution,
-        help=f"smaller image edge after resizing (default: {defaults.resolution})",
-    )
     ex.add_argument(
         "--image-size",
         default=None,
         metavar="HxW",
-        help="size of the images to embed (another input shape than square); default: square",
+        help="size of the images to embed, for another input shape than resolution x resolution",
     )
-    ex.add_argument(
-        "--weights", default=None, help="weights path or URI (default: the cache, then the hub)"
-    )
-    ex.add_argument("--threads", type=int, default=None, help="threads of the check")
     ex.add_argument(
         "--output",
         default=None,
@@ -309,6 +302,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
         "or ~/.cache/anomalydino/exports)",
     )
     ex.add_argument("--json", action="store_true", help="print the result as JSON")
+    # --config, --backbone, --weights, --resolution, --threads: the model settings it exports
+    add_settings_flags(ex, ("model",), exclude=EXPORT_EXCLUDES)
     ex.set_defaults(func=cmd_export)
 
     de = sub.add_parser(

@@ -177,7 +177,8 @@ def build_runner(
     return PerShapeRunner(runtime, build, fallback=extractor.torch_runner())
 
 
-def _why_not(extractor: PatchFeatureExtractor, runtime: str) -> str | None:
+def why_not(extractor: PatchFeatureExtractor, runtime: str) -> str | None:
+    """None when ``runtime`` can run ``extractor``'s model here, else why not."""
     return applicability(
         runtime,
         device_type=extractor.device.type,
@@ -203,7 +204,7 @@ def attach_runtime(
     """
     root = root or cache_root()
     if runtime != "auto":
-        why = _why_not(extractor, runtime)
+        why = why_not(extractor, runtime)
         if why is not None:
             raise ValueError(f"model.runtime={runtime}: {why}")
         extractor.use_runner(build_runner(extractor, runtime, threads, root))

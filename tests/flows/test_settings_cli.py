@@ -85,8 +85,10 @@ def test_every_command_prints_its_help() -> None:
     for name, sub in commands.items():
         text = sub.format_help()
         assert "--config" in text, name
-        if name != "evaluate":
+        if name not in ("evaluate", "export"):  # export: the model settings only
             assert "--image-score" in text and "--chunk-size" in text, name
+    export_help = commands["export"].format_help()
+    assert "--backbone" in export_help and "--runtime" not in export_help
 
 
 def test_docs_table_is_generated_from_the_model() -> None:
