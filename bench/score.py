@@ -2,10 +2,10 @@
 
     python bench/score.py [--threads 2] [--shots 1,16] [--repeats 9] [--chunk 1]
                           [--cases bottle-vits14,bottle-lite0,tall-lite0,tall-vits14]
-                          [--methods faiss,torch,auto] [--index exact]
+                          [--methods faiss,torch,auto] [--index exact] [--rotation agnostic]
 
 Cases (agnostic banks: 8 views per reference for the bottle, 2 for the 500 x 1250 part, whose
-aspect keeps only its 0/180 degree views, ``augment.bank_angles``):
+aspect keeps only its 0/180 degree views, ``augment.bank_angles``; ``--rotation informed``: 1):
 
 - bottle-vits14: ViT-S/14 at 448, 32 x 32 patches x 384, map at 900 x 900
 - bottle-lite0: EfficientNet-Lite0 at 448, 28 x 28 x 152, map at 900 x 900
@@ -66,6 +66,7 @@ def _ms(values: list[float]) -> str:
 
 def run_case(name: str, shots: int, args: argparse.Namespace, rng: np.random.Generator) -> dict:
     gh, gw, dim, views, size = CASES[name]
+    views = views if args.rotation == "agnostic" else 1
     bank = rng.standard_normal((shots * views, gh, gw, dim), dtype=np.float32)
     queries = [rng.standard_normal((gh, gw, dim), dtype=np.float32) for _ in range(args.chunk)]
     scorers = {}
@@ -115,11 +116,15 @@ def main() -> None:
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--methods", default="faiss,torch,auto")
     p.add_argument("--index", default="exact", choices=["exact", "exact_bf16"])
+    p.add_argument("--rotation", choices=["agnostic", "informed"], default="agnostic")
     p.add_argument("--rerun-other-ms", type=float, default=None)
     args = p.parse_args()
     set_threads(args.threads)
     rng = np.random.default_rng(0)
-    print(f"CPU: {cpu_name()}; threads={args.threads}; index={args.index}; chunk={args.chunk}")
+    print(
+        f"CPU: {cpu_name()}; threads={args.threads}; index={args.index}; chunk={args.chunk}; "
+        f"rotation={args.rotation}"
+    )
     print(
         f"{'case':<14}{'shots':>6}{'bank':>9}{'query':>7}{'method':>7}"
         f"{'search ms/img':>22}{'search+score+map':>22}{'GFLOP/s':>8}"
