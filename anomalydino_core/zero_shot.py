@@ -217,7 +217,7 @@ def score_mutual(
     if query_block is None and bank_block is None and _on_cpu(config.device) and total >= TUNE_MIN:
         k = max(ks.values())
         side = budget_side(precision, config.memory_budget_bytes, k)
-        precision, query_block = tuned_tile(precision, dim, k, side)
+        precision, query_block = tuned_tile(precision, dim, k, total, side)
         bank_block = query_block
 
     # fg[i]: (F_i,) flat foreground patch indices of query i; R = sum F_i query rows
@@ -270,70 +270,68 @@ def score_mutual(
 # ------------------------------------------------------------------- measured tiles (CPU)
 
 #: Square tile sides tried on CPU. AMD EPYC (avx512_bf16, 2 threads, N = 83 x 1024 patches,
-#: bf16, 16 queries, shared machine): 4096 1.7-3.0 s/img, 2048 3.0-4.0, 1024 4.8-5.9: fewer,
-#: larger products and screening passes; on a CPU whose cache favours smaller tiles the probe
-#: picks 2048.
+#: bf16, 16 queries, shared machine): 4096 1.7-3.0 s/img, 2048 3.0-4.0, 1024 4.8-5.9 (fewer,
+#: larger products and screening passes); a CPU whose caches favour smaller tiles picks 2048.
 TILE_SIDES = (2048, 4096)
 #: Batches of fewer patches fit in one tile of the smallest side: nothing to measure.
 TUNE_MIN = 2 * TILE_SIDES[0]
-_PROBE_IMAGES, _PROBE_GRID = 3, (32, 64)
 
 
 def _on_cpu(device: str) -> bool:
     return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
 
 
-def _probe_source(dim: int) -> ArrayFeatureSource:
-    """Three 32 x 64 grids of DINO-like rows: a shared smooth pattern plus per-image noise, so
-    that the k nearest distances cluster (screening work as on real features)."""
-    rng = np.random.default_rng(0)
-    gh, gw = _PROBE_GRID
-    base = rng.standard_normal((gh // 8 + 1, gw // 8 + 1, dim), dtype=np.float32)
-    pattern = np.repeat(np.repeat(base, 8, axis=0), 8, axis=1)[:gh, :gw] + 1.2
-    noise = rng.standard_normal((_PROBE_IMAGES, gh, gw, dim), dtype=np.float32)
-    return ArrayFeatureSource([pattern + 0.5 * n for n in noise])
+def _steady_tile_seconds(side: int, precision: Precision, dim: int, k: int, seen: int) -> float:
+    """Seconds per tile element in the steady state, best of 2: the product of a side x side tile
+    and its screening into a tail buffer of ``k`` whose thresholds are set (to distance 0.05,
+    as after ``seen`` bank columns: few values pass, as in the bulk of a real search)."""
+    from anomalydino_core.mutual_topk_kernels import SHIFT, TailBuffer, key_dtype, update
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    offset = torch.randn(dim, generator=gen)  # a shared component: distances cluster
+
+    def rows(constant: float) -> torch.Tensor:
+        x = torch.nn.functional.normalize(offset + torch.randn(side, dim, generator=gen), dim=1)
+        return torch.cat([x, torch.full((side, 1), constant)], dim=1).to(dtype)
+
+    queries, columns = rows(1.0), rows(-1.0 - SHIFT)
+    buffer = TailBuffer(side, k, dtype, torch.device("cpu"))
+    buffer.thr.fill_(int(torch.tensor(-0.05 - SHIFT, dtype=dtype).view(key_dtype(dtype))))
+    buffer.count.fill_(k)
+    tile = torch.empty(side, side, dtype=dtype)
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        torch.mm(queries, columns.t(), out=tile)
+        update(buffer, tile.view(key_dtype(dtype)), 1, 0, side, seen)
+        best = min(best, time.perf_counter() - t0)
+    return best / side**2
 
 
 @functools.cache
 def _measure_tile(
-    precision: Precision, dim: int, k: int, max_side: int, threads: int
+    precision: Precision, dim: int, k: int, bank: int, max_side: int, threads: int
 ) -> tuple[Precision, int]:
     del threads  # cache key only
-    source = _probe_source(dim)
-    n_rows = _PROBE_IMAGES * _PROBE_GRID[0] * _PROBE_GRID[1]
-    row_image = np.repeat(np.arange(_PROBE_IMAGES), n_rows // _PROBE_IMAGES)
-    row_patch = np.tile(np.arange(n_rows // _PROBE_IMAGES), _PROBE_IMAGES)
-    k = min(k, n_rows - n_rows // _PROBE_IMAGES)
     sides = [s for s in TILE_SIDES if s <= max_side] or [max_side]
     options: list[tuple[Precision, int]] = [(precision, s) for s in sides]
     if precision == "bf16" and not cpu_has_fast_bf16():
         options.append(("fp32", sides[-1]))  # bf16 emulated: fp32 may be faster (and exact)
     if len(options) == 1:
         return options[0]
-    best = dict.fromkeys(options, float("inf"))
-    for _ in range(2):
-        for prec, side in options:
-            t0 = time.perf_counter()
-            tail_distances(
-                source,
-                row_image,
-                row_patch,
-                dict.fromkeys(range(_PROBE_IMAGES), k),
-                dim=dim,
-                statistic="code_mean",
-                precision=prec,
-                device="cpu",
-                memory_budget_bytes=2**31,
-                query_block_rows=side,
-                bank_block_rows=side,
-            )
-            best[(prec, side)] = min(best[(prec, side)], time.perf_counter() - t0)
-    return min(best, key=best.__getitem__)
+    with torch.inference_mode():
+        cost = {opt: _steady_tile_seconds(opt[1], opt[0], dim, k, bank // 2) for opt in options}
+    return min(cost, key=cost.__getitem__)
 
 
-def tuned_tile(precision: Precision, dim: int, k: int, max_side: int) -> tuple[Precision, int]:
-    """(precision, square tile side) for CPU scoring, measured once per process, precision,
-    width, k and thread count on a probe of 6,144 rows (``_probe_source``; 0.2-0.5 s): the
-    fastest of ``TILE_SIDES`` up to the budget's ``max_side``. ``bf16`` on a CPU without native
-    bf16 also tries fp32 (exact, so within every bf16 tolerance)."""
-    return _measure_tile(precision, dim, k, max_side, torch.get_num_threads())
+def tuned_tile(
+    precision: Precision, dim: int, k: int, bank: int, max_side: int
+) -> tuple[Precision, int]:
+    """(precision, square tile side) for CPU scoring of a bank of ``bank`` patches with tail
+    ``k``: the fastest of ``TILE_SIDES`` up to the budget's ``max_side`` per tile element in the
+    steady state (``_steady_tile_seconds``; 0.1-0.4 s), measured once per process, precision,
+    width, k, bank size class and thread count. ``bf16`` on a CPU without native bf16 also tries
+    fp32 (exact, so within every bf16 tolerance)."""
+    bank_class = 1 << max(1, bank - 1).bit_length()  # the cache key: the next power of two
+    return _measure_tile(precision, dim, k, bank_class, max_side, torch.get_num_threads())

@@ -98,7 +98,8 @@ def worker(args: argparse.Namespace) -> dict:
     }
     k = tail_size("code_mean", config.alpha, (n - 1) * GRID * GRID)
     side = budget_side(args.precision, budget, k)
-    out["tile"] = list(zero_shot.tuned_tile(args.precision, DIM, k, side))  # cached: free
+    total = n * GRID * GRID
+    out["tile"] = list(zero_shot.tuned_tile(args.precision, DIM, k, total, side))  # cached
     if args.compare:
         reference = score_mutual(
             grids,

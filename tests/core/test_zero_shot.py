@@ -244,8 +244,8 @@ def test_measured_tiles_on_a_large_batch_give_the_blocked_results() -> None:
     )
     for a, b in zip(tuned, blocked, strict=True):
         np.testing.assert_allclose(a.patch_scores, b.patch_scores, rtol=0, atol=1e-6)
-    precision, side = zero_shot.tuned_tile("fp32", 16, 4, 4096)
+    precision, side = zero_shot.tuned_tile("fp32", 16, 4, 4000, 4096)
     assert precision == "fp32" and side in zero_shot.TILE_SIDES
-    assert zero_shot.tuned_tile("fp32", 16, 4, 1024) == ("fp32", 1024)  # the budget's side
-    precision, side = zero_shot.tuned_tile("bf16", 16, 4, 4096)
+    assert zero_shot.tuned_tile("fp32", 16, 4, 4000, 1024) == ("fp32", 1024)  # budget's side
+    precision, side = zero_shot.tuned_tile("bf16", 16, 4, 4000, 4096)
     assert precision in ("bf16", "fp32") and side in zero_shot.TILE_SIDES
