@@ -151,3 +151,21 @@ def test_a_stored_projector_of_another_layer_or_other_bytes_is_refused(both) -> 
     finally:
         manifest.write_text(original)
         weights.write_bytes(data)
+
+
+def test_held_out_threshold_flags_the_defects_and_passes_the_good_images(
+    prefect_harness, mvtec_root, tmp_path
+) -> None:
+    """The threshold rule on real images with a projector trained long enough to learn (30
+    epochs of 32 pairs at 224 px: the defects scored 27.6-29.5, the good images 9.8-10.9
+    against a threshold of 13.2 on the AMD EPYC of this project, 149 s under load)."""
+    root = make_root(tmp_path, mvtec_root)
+    trained = merge(FOUNDAD, {"max_epochs": 30, "pool_size": 32, "val_pool_size": 8})
+    cfg = PipelineConfig.model_validate(
+        merge(config(root, "both").model_dump(mode="json"), {"foundad": trained})
+    )
+    df = pd.read_parquet(audit_lot("bottle", "lot-1", cfg).report_uri).set_index("image_id")
+    ok = df[df["error"].isna()]
+    assert (ok["foundad_threshold_source"] == "foundad_held_out").all()
+    expected = ["anomalous" if not i.startswith("good/") else "normal" for i in ok.index]
+    assert list(ok["foundad_verdict"]) == expected, ok[["foundad_score", "foundad_threshold"]]
