@@ -59,7 +59,11 @@ def embed_with_foundad(
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """RGB uint8 images -> (kNN grids (gh, gw, C), FoundAD grids (gh, gw, D)), float32, in order.
 
-    The kNN grids equal ``extractor.embed(images)`` bit for bit (same batching).
+    The kNN grids equal ``extractor.embed(images)`` bit for bit (same batching) when the
+    extractor runs the torch module (runtime ``torch`` or ``vit_cpu``). With an exported runtime
+    (OpenVINO, ONNX Runtime) ``embed`` runs the export, while this pass always runs the torch
+    module, whose features agree with the export's within the runtimes' check (cosine >= 0.999
+    per patch), not bit for bit: a run that scores FoundAD embeds its images through torch.
     """
     tensors = [to_input_tensor(img, extractor.preprocess) for img in images]
     by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
