@@ -58,7 +58,8 @@ class MutualScoringConfig:
 
     ``query_block_rows`` / ``bank_block_rows`` override the block sizes (for tests and tuning);
     the results do not depend on them beyond float rounding. Without them, on CPU, the tile side
-    is measured once per process (``tuned_tile``), within what the budget allows.
+    is measured once per process (``tuned_tile``), within what the budget allows, when
+    ``tune_tiles`` is True, or None and the batch has ``TUNE_MIN`` patches or more.
     """
 
     statistic: Statistic = "code_mean"
@@ -70,6 +71,7 @@ class MutualScoringConfig:
     sigma: float = MAP_SIGMA
     query_block_rows: int | None = None
     bank_block_rows: int | None = None
+    tune_tiles: bool | None = None
 
     def __post_init__(self) -> None:
         if self.statistic not in typing.get_args(Statistic):
@@ -214,7 +216,8 @@ def score_mutual(
     dim = int(source.load(next(iter(queries))).shape[2])  # C
     precision = config.precision
     query_block, bank_block = config.query_block_rows, config.bank_block_rows
-    if query_block is None and bank_block is None and _on_cpu(config.device) and total >= TUNE_MIN:
+    tune = config.tune_tiles if config.tune_tiles is not None else total >= TUNE_MIN
+    if query_block is None and bank_block is None and tune and _on_cpu(config.device):
         k = max(ks.values())
         side = budget_side(precision, config.memory_budget_bytes, k)
         precision, query_block = tuned_tile(precision, dim, k, total, side)
@@ -273,8 +276,11 @@ def score_mutual(
 #: bf16, 16 queries, shared machine): 4096 1.7-3.0 s/img, 2048 3.0-4.0, 1024 4.8-5.9 (fewer,
 #: larger products and screening passes); a CPU whose caches favour smaller tiles picks 2048.
 TILE_SIDES = (2048, 4096)
-#: Batches of fewer patches fit in one tile of the smallest side: nothing to measure.
-TUNE_MIN = 2 * TILE_SIDES[0]
+#: Smaller batches keep the budget's side: the probe (0.1-0.5 s) would cost more than it saves.
+TUNE_MIN = 32768
+#: Another option must beat the budget's side by this factor (noise on a shared machine: two
+#: interleaved N = 83 runs here picked 4096 and 2048 in turn without the margin).
+MARGIN = 0.9
 
 
 def _on_cpu(device: str) -> bool:
@@ -322,7 +328,9 @@ def _measure_tile(
         return options[0]
     with torch.inference_mode():
         cost = {opt: _steady_tile_seconds(opt[1], opt[0], dim, k, bank // 2) for opt in options}
-    return min(cost, key=cost.__getitem__)
+    default = (precision, sides[-1])
+    best = min(cost, key=cost.__getitem__)
+    return best if cost[best] < MARGIN * cost[default] else default
 
 
 def tuned_tile(
