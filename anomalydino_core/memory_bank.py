@@ -15,7 +15,7 @@ from .choices import IndexKind
 from .cpu import cpu_has_fast_bf16
 from .nn_search import (
     PROBE_QUERIES,
-    PROBE_ROWS,
+    SMALL_ROWS,
     Calibration,
     SearchMethod,
     bf16_candidates,
@@ -94,7 +94,7 @@ class PatchIndex:
     CPU top-1 search of the flat kinds (``anomalydino_core.nn_search``): faiss or blocked torch
     fp32 (``exact``), or those and the bf16 screen (``exact_bf16``, on CPUs with native bf16),
     whichever measured fastest in this process (``search_method=None``), or the one named.
-    Searches smaller than the probe (``PROBE_QUERIES x PROBE_ROWS``) use torch fp32. The distance
+    Searches smaller than ``PROBE_QUERIES x SMALL_ROWS`` use torch fp32. The distance
     reported is one fp32 dot product of the query and the chosen row, whichever method chose it.
 
     GPU (``use_gpu=None``: when present): a faiss GPU copy where faiss has GPU support; else, for
@@ -220,7 +220,7 @@ class PatchIndex:
         """The CPU method a search of ``n_queries`` rows uses (measured once, see the class)."""
         if self.search_method is not None:
             return self.search_method
-        if n_queries * self.size < PROBE_QUERIES * PROBE_ROWS:
+        if n_queries * self.size < PROBE_QUERIES * SMALL_ROWS:
             return "torch"
         candidates: tuple[SearchMethod, ...] = ("faiss", "torch")
         if self.kind == "exact_bf16" and cpu_has_fast_bf16():

@@ -110,7 +110,9 @@ def test_measure_times_every_candidate():
     cal = nn_search.measure(("faiss", "torch", "bf16"), 40, 64, rounds=1)
     assert set(cal.ms) == {"faiss", "torch", "bf16"} and cal.method in cal.ms
     assert all(ms > 0 for ms in cal.ms.values())
-    assert cal.ms[cal.method] == min(cal.ms.values())
+    fastest = min(cal.ms, key=cal.ms.__getitem__)
+    if cal.method != fastest:  # the default (first candidate) stays unless clearly beaten
+        assert cal.method == "faiss" and cal.ms[fastest] >= nn_search.MARGIN * cal.ms["faiss"]
 
 
 def test_unknown_or_misplaced_search_method():
