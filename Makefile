@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv test lint bench demo infra-up infra-down clean
+.PHONY: venv test lint bench peer demo infra-up infra-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/embed.py
 	$(BIN)/python bench/score.py
 	$(BIN)/python bench/zero_shot.py
+
+peer: $(STAMP)  ## anomalib 2.7.0's AnomalyDINO vs this pipeline (its own venv, .data/peer-venv)
+	$(BIN)/python bench/peer.py $(PEER_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/anomalydino demo

@@ -184,9 +184,10 @@ class ScoringSettings(_Frozen):
     sigma: float = Field(default=4.0, ge=0, description="Gaussian blur of the anomaly map, px")
     index: IndexKind = Field(
         default="exact",
-        description="exact cosine search (faiss on CPU; faiss-gpu or torch fp32 on CUDA); "
-        "exact_bf16: bf16 screening + fp32 re-rank (distances within 2e-3); hnsw / ivf: "
-        "approximate, for banks of millions of patches",
+        description="exact cosine search (on CPU faiss or blocked torch fp32, whichever a "
+        "per-process probe measures 15% faster; faiss-gpu or torch fp32 on CUDA); exact_bf16: "
+        "bf16 screening + fp32 re-rank (distances within 2e-3; on CPU unless fp32 measures "
+        "faster); hnsw / ivf: approximate, for banks of millions of patches",
     )
     zero_shot_statistic: Statistic = Field(
         default="code_mean", description="screening: statistic of the mutual distances"
