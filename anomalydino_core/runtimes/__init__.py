@@ -8,59 +8,40 @@
 Every runner maps a (B, 3, H, W) float32 batch to the (B, gh, gw, C) float32 grid of the torch
 module. ``measure`` picks the fastest by interleaved timing; the cache of that choice and of the
 exported files is ``tasks/runtimes.py``.
+
+The names below load their module on first use (PEP 562): the settings model imports
+``runtimes.selection`` to validate a setting, and the command line must not import torch just
+to refuse a bad name (``tests/flows/test_clean_failures.py``: under 2 s).
 """
 
-from .calibration import CALIBRATION_ROUNDS, Calibration, RuntimeFigures, measure
-from .exported import (
-    EXPORT_RULE,
-    MIN_PATCH_COSINE,
-    ONNX_OPSET,
-    BatchRunner,
-    ExportCheck,
-    OnnxRunner,
-    OpenVinoRunner,
-    PerShapeRunner,
-    RuntimeRejected,
-    check_against_torch,
-    exportable_module,
-    onnx_session_options,
-    openvino_version,
-    patch_cosines,
-    probe_batch,
-    to_onnx,
-    to_openvino,
-)
-from .selection import EXPORTED, RUNTIME_NAMES, applicability, candidates, runtime_precision
-from .torch_runner import TorchRunner, fp32_reference, has_vit_cpu_blocks
+from __future__ import annotations
 
-__all__ = [
-    "CALIBRATION_ROUNDS",
-    "EXPORTED",
-    "EXPORT_RULE",
-    "MIN_PATCH_COSINE",
-    "ONNX_OPSET",
-    "RUNTIME_NAMES",
-    "BatchRunner",
-    "Calibration",
-    "ExportCheck",
-    "OnnxRunner",
-    "OpenVinoRunner",
-    "PerShapeRunner",
-    "RuntimeFigures",
-    "RuntimeRejected",
-    "TorchRunner",
-    "applicability",
-    "candidates",
-    "check_against_torch",
-    "exportable_module",
-    "fp32_reference",
-    "has_vit_cpu_blocks",
-    "measure",
-    "onnx_session_options",
-    "openvino_version",
-    "patch_cosines",
-    "probe_batch",
-    "runtime_precision",
-    "to_onnx",
-    "to_openvino",
-]
+import importlib
+from typing import Any
+
+_MODULE_OF = {
+    **dict.fromkeys(["CALIBRATION_ROUNDS", "Calibration", "RuntimeFigures", "measure"], "calibration"),
+    **dict.fromkeys(
+        [
+            "EXPORT_RULE", "MIN_PATCH_COSINE", "ONNX_OPSET", "BatchRunner", "ExportCheck",
+            "OnnxRunner", "OpenVinoRunner", "PerShapeRunner", "RuntimeRejected",
+            "check_against_torch", "exportable_module", "onnx_session_options",
+            "openvino_version", "patch_cosines", "probe_batch", "to_onnx", "to_openvino",
+        ],
+        "exported",
+    ),
+    **dict.fromkeys(
+        ["EXPORTED", "RUNTIME_NAMES", "applicability", "candidates", "runtime_precision"],
+        "selection",
+    ),
+    **dict.fromkeys(["TorchRunner", "fp32_reference", "has_vit_cpu_blocks"], "torch_runner"),
+}  # fmt: skip
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
