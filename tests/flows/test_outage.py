@@ -75,7 +75,10 @@ class Cli:
 
     def __init__(self, root: str, lot: str, weed: Weed, prefect: str, tmp: Path, **env) -> None:
         cmd = [sys.executable, "-m", "flows.cli", "audit", "--product", "bottle", "--lot", lot]
+        # torch: these tests time the retry budget; an exported runtime (OpenVINO) added 6-13 s
+        # between the flow's failure and the process's exit here (not the retries)
         cmd += ["--root", root, "--backbone", "efficientnet_lite0", "--resolution", "224"]
+        cmd += ["--runtime", "torch"]
         cmd += ["--chunk-size", "1", "--threads", "2"]
         environ = {**os.environ, **weed.service.env(), "PREFECT_API_URL": prefect}
         environ.update(ANOMALYDINO_CONFIG="", ANOMALYDINO_LOG_DIR=str(tmp / "logs"), **env)
