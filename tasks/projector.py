@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from anomalydino_core.foundad.config import FoundADConfig
@@ -88,7 +88,6 @@ class ProjectorManifest:
     n_parameters: int
     created_at: str = ""
     format: str = PROJECTOR_FORMAT
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def weights_file(self) -> str:
