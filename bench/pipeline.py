@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -40,14 +41,25 @@ for key, value in {
     os.environ.setdefault(key, value)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process so far, all threads, user + system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+MODEL_CPU: list[float] = []  # CPU seconds per image of each model-only measurement
+
+
 def median_ms_per_image(extractor, batch, repeats: int) -> float:
     """Median forward time per image of ``extractor``'s runtime on a preprocessed batch."""
     extractor._run(batch)  # warm-up (kernel selection; an export's first call)
     times = []
+    cpu0 = cpu_seconds()
     for _ in range(repeats):
         t0 = time.perf_counter()
         extractor._run(batch)
         times.append(time.perf_counter() - t0)
+    MODEL_CPU.append((cpu_seconds() - cpu0) / (repeats * batch.shape[0]))
     return 1000.0 * float(np.median(times)) / batch.shape[0]
 
 
@@ -123,10 +135,10 @@ def main() -> None:
         model_before, what = model_only_images_per_s(cfg.model, args.threads, args.repeats)
         runs = []
         for label in ("first run", "re-run"):
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), cpu_seconds()
             s = with_runner(audit_lot, cfg.runtime)("bottle", "lot-bench", cfg)
             call = time.perf_counter() - t0
-            runs.append((label, s, call))
+            runs.append((label, s, call, cpu_seconds() - cpu0))
         model_after, _ = model_only_images_per_s(cfg.model, args.threads, args.repeats)
         model_ips = (model_before + model_after) / 2
     finally:
@@ -138,15 +150,17 @@ def main() -> None:
         f"{args.shots} shots ({args.rotation}), runner concurrency {args.concurrency}"
     )
     print(f"{'':<12}{'images':>7}{'computed':>9}{'reused':>7}{'flow s':>8}{'img/s':>7}"
-          f"{'call s':>8}{'ratio':>7}")  # fmt: skip
-    for label, s, call in runs:
+          f"{'call s':>8}{'ratio':>7}{'cpu ms/img':>11}")  # fmt: skip
+    for label, s, call, cpu in runs:
         ips = s.n_images / s.seconds
         print(
             f"{label:<12}{s.n_images:>7}{s.n_computed:>9}{s.n_reused:>7}{s.seconds:>8.2f}"
-            f"{ips:>7.1f}{call:>8.2f}{ips / model_ips:>7.2f}"
+            f"{ips:>7.1f}{call:>8.2f}{ips / model_ips:>7.2f}{1000 * cpu / s.n_images:>11.0f}"
         )
-    print(f"{'model only':<12}{'':>31}{model_ips:>7.1f}   (before {model_before:.1f}, after "
-          f"{model_after:.1f})")  # fmt: skip
+    model_cpu = 1000 * float(np.mean(MODEL_CPU))
+    print(f"{'model only':<12}{'':>31}{model_ips:>7.1f}{'':>15}{model_cpu:>11.0f}   (before "
+          f"{model_before:.1f}, after {model_after:.1f} img/s)")  # fmt: skip
+    print("cpu ms/img: CPU time of all threads (the call's, incl. Prefect) per image")
     first = runs[0][1]
     ratio = first.n_images / first.seconds / model_ips
     print(f"\nfirst-run ratio pipeline/model = {ratio:.2f} (target >= 0.75)")

@@ -138,7 +138,11 @@ class Layout:
         )
 
 
+#: Overlays are JPEG files (``tasks/map_archive.write_overlay``).
+OVERLAY_SUFFIX = ".jpg"
+
+
 def overlay_name(image_id: str) -> str:
-    """Overlay file path (relative) for an image id: the id, with ``.png`` appended unless it
-    already ends so (unique per id)."""
-    return image_id if image_id.lower().endswith(".png") else f"{image_id}.png"
+    """Overlay file path (relative) for an image id: the id with ``.jpg`` appended (``a/b.png``
+    -> ``a/b.png.jpg``; one overlay per id)."""
+    return f"{image_id}{OVERLAY_SUFFIX}"

@@ -192,7 +192,13 @@ def map_sha256(amap16: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(amap16, dtype=np.float16).tobytes()).hexdigest()
 
 
-def write_overlay_png(
+#: JPEG quality of the overlays. The map itself is stored exactly (float16, above); the overlay
+#: is a picture of it. A 900x900 bottle overlay: PNG (OpenCV's defaults, the fastest of its
+#: levels, filters and strategies) 25-30 ms and 1.0 MB, JPEG q90 2.5 ms and 141 kB (AMD EPYC).
+OVERLAY_JPEG_QUALITY = 90
+
+
+def write_overlay(
     uri: str,
     image_rgb: np.ndarray,
     amap: np.ndarray,
@@ -200,12 +206,13 @@ def write_overlay_png(
     vmax: float,
     storage: StorageConfig | None = None,
 ) -> None:
-    """Write the image + JET overlay (alpha 0.5) as a PNG to ``uri``, atomically."""
+    """Write the image + JET overlay (alpha 0.5) as a JPEG to ``uri``, atomically."""
     try:
         rgb = render_overlay(image_rgb, amap, vmin, vmax)
     except ValueError as exc:
         raise ValueError(f"{uri}: cannot render overlay: {exc}") from exc
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    params = [cv2.IMWRITE_JPEG_QUALITY, OVERLAY_JPEG_QUALITY]
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
-        raise OSError(f"{uri}: PNG encoding failed")
+        raise OSError(f"{uri}: JPEG encoding failed")
     atomic_write_bytes(uri, encoded.tobytes(), storage)

@@ -18,7 +18,8 @@ from anomalydino_core.few_shot import ScoreResult
 from anomalydino_core.images import ImageDecodeError
 from anomalydino_core.overlays import overlay_scale
 from tasks.embed import SourceImage, load_image
-from tasks.map_archive import MapArchive, write_overlay_png
+from tasks.layout import OVERLAY_SUFFIX
+from tasks.map_archive import MapArchive, write_overlay
 from tasks.report import ReportRow
 from tasks.retry import run_logger, with_storage_retries
 from tasks.run_context import TASK_OPTIONS, RunContext, make_row
@@ -39,7 +40,7 @@ def _write_overlay(
         image = load_image(uri, image_id, storage, ctx.model.decode_max_pixels)
     target = ctx.overlay_uri(image_id)
     with_storage_retries(
-        lambda: write_overlay_png(target, image, amap, scale[0], scale[1], storage),
+        lambda: write_overlay(target, image, amap, scale[0], scale[1], storage),
         what=f"write {target}",
     )
     _write_thumbnail(ctx, image_id, image, storage, (amap, scale))
@@ -152,6 +153,8 @@ def _reuse_overlay(
     if not same:
         return False
     target = ctx.overlay_uri(item.image_id)
+    if not entry[1].endswith(OVERLAY_SUFFIX):  # an older run's PNG: rendered anew as a JPEG
+        return False
     try:
         with_storage_retries(
             lambda: copy_object(entry[1], target, storage), what=f"copy {entry[1]} -> {target}"

@@ -39,7 +39,8 @@ class ModelMismatchError(RuntimeError):
 class PreviousOverlays:
     """The overlays of the lot's previous run, for reuse: an overlay is copied instead of
     rendered when the image has the same content hash, the overlay scale is the same and the
-    new anomaly map equals the previous run's stored map exactly (then the PNG is identical).
+    new anomaly map equals the previous run's stored map exactly (then the JPEG is identical; an
+    older run's PNG overlay is rendered anew).
     Maps are compared by the ``map_sha256`` stored with them (by value for older archives);
     on S3 the copy is server-side."""
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zarr
@@ -128,7 +129,7 @@ def test_second_run_copies_identical_overlays_and_renders_changed_ones(
     old = pd.read_parquet(first.report_uri).set_index("image_id")
     new = pd.read_parquet(second.report_uri).set_index("image_id")
     flagged = old.index[old["verdict"] == "anomalous"]
-    for image_id in flagged:  # the second run copied (or rendered) the very same PNG
+    for image_id in flagged:  # the second run copied (or rendered) the very same JPEG
         assert (
             Path(new.loc[image_id, "overlay_uri"]).read_bytes()
             == Path(old.loc[image_id, "overlay_uri"]).read_bytes()
@@ -149,6 +150,20 @@ def test_second_run_copies_identical_overlays_and_renders_changed_ones(
     third = audit_lot("bottle", "lot-1", cfg)
     assert rendered == [changed]
     assert third.n_flagged == len(flagged)
+    # an older run's PNG overlay is never copied under the new JPEG name: rendered anew
+    table = pq.read_table(third.report_uri)
+    uris = table.column("overlay_uri").to_pylist()
+    at = table.column("image_id").to_pylist().index(flagged[-1])
+    png = Path(uris[at]).with_suffix(".png")
+    png.write_bytes(cv2.imencode(".png", np.zeros((9, 9, 3), np.uint8))[1].tobytes())
+    uris[at] = str(png)
+    column = table.schema.get_field_index("overlay_uri")
+    pq.write_table(table.set_column(column, "overlay_uri", pa.array(uris)), third.report_uri)
+    rendered.clear()
+    fourth = audit_lot("bottle", "lot-1", cfg)
+    assert rendered == [flagged[-1]]
+    out = pd.read_parquet(fourth.report_uri).set_index("image_id").loc[flagged[-1], "overlay_uri"]
+    assert out.endswith(".jpg") and Path(out).read_bytes()[:3] == b"\xff\xd8\xff"
 
 
 def test_interrupted_run_resumes(audited, tmp_path: Path, mvtec_root) -> None:

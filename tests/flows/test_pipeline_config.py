@@ -25,7 +25,7 @@ def test_defaults_and_layout(tmp_path: Path, monkeypatch) -> None:
     s3 = Layout.at("s3://bucket/p", incoming="s3://raw/in")
     assert s3.lot("bottle", "L") == "s3://raw/in/bottle/L"
     assert s3.embeddings("bottle", "k") == "s3://bucket/p/embeddings/bottle/k.zarr"
-    assert overlay_name("a/b.png") == "a/b.png" and overlay_name("a/b.JPG") == "a/b.JPG.png"
+    assert overlay_name("a/b.png") == "a/b.png.jpg" and overlay_name("a/b") == "a/b.jpg"
 
 
 def test_file_env_and_overrides_precedence(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from tasks.embedding_store import (
 from tasks.map_archive import (
     MapArchive,
     map_sha256,
-    write_overlay_png,
+    write_overlay,
 )
 
 SETTINGS = {"backbone": "dinov2_vits14", "weights_sha256": "ab" * 32, "resolution": 448}
@@ -93,24 +93,29 @@ def test_map_archive_round_trip_and_completeness(base, monkeypatch) -> None:
     np.testing.assert_array_equal(archive.get("img-1"), amap[:5].astype(np.float16))
 
 
-def test_overlay_png(base) -> None:
+def test_overlay_jpeg(base) -> None:
     root, cfg = base
     h, w = 20, 30
     image = np.zeros((h, w, 3), np.uint8)
     image[..., 1] = 200
     amap = np.zeros((h, w), np.float32)
     amap[:, w // 2 :] = 5.0  # right half at vmax, left half at vmin
-    uri = st.join(root, "overlays", "img-1.png")
-    write_overlay_png(uri, image, amap, vmin=0.0, vmax=5.0, storage=cfg)
-    decoded = cv2.imdecode(np.frombuffer(st.read_bytes(uri, cfg), np.uint8), cv2.IMREAD_COLOR)
+    uri = st.join(root, "overlays", "img-1.png.jpg")
+    write_overlay(uri, image, amap, vmin=0.0, vmax=5.0, storage=cfg)
+    data = st.read_bytes(uri, cfg)
+    assert data[:3] == b"\xff\xd8\xff"  # JPEG
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     rgb = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
     assert rgb.shape == (h, w, 3)
-    np.testing.assert_array_equal(rgb, render_overlay(image, amap, 0.0, 5.0))
+    # quality 90: within a few levels of the rendered overlay away from the colour edge
+    expected = render_overlay(image, amap, 0.0, 5.0).astype(int)
+    assert np.abs(rgb.astype(int) - expected)[:, : w // 2 - 4].max() <= 6
+    assert np.abs(rgb.astype(int) - expected)[:, w // 2 + 4 :].max() <= 6
     jet = cv2.applyColorMap(np.array([[0, 255]], np.uint8), cv2.COLORMAP_JET)[0, :, ::-1]
     expected_left = np.rint(0.5 * image[0, 0] + 0.5 * jet[0])  # vmin: JET dark blue
     expected_right = np.rint(0.5 * image[0, -1] + 0.5 * jet[1])  # vmax: JET dark red
-    np.testing.assert_allclose(rgb[0, 0], expected_left, atol=1)
-    np.testing.assert_allclose(rgb[0, -1], expected_right, atol=1)
+    np.testing.assert_allclose(rgb[0, 0], expected_left, atol=6)
+    np.testing.assert_allclose(rgb[0, -1], expected_right, atol=6)
     assert st.list_files(st.join(root, "overlays"), None, cfg) == [uri]
     with pytest.raises(ValueError, match=r"img-2\.png.*map shape"):
-        write_overlay_png(st.join(root, "img-2.png"), image, amap[:5], 0.0, 1.0, cfg)
+        write_overlay(st.join(root, "img-2.png"), image, amap[:5], 0.0, 1.0, cfg)
