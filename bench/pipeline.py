@@ -2,7 +2,8 @@
 
     python bench/pipeline.py [--backbone auto] [--weights W] [--resolution 448] [--shots 4]
                              [--rotation informed] [--batch-size 1] [--threads 2]
-                             [--concurrency 2] [--chunk-size 16] [--root DIR]
+                             [--concurrency 2] [--chunk-size 16] [--index exact_bf16]
+                             [--root DIR]
 
 1. Links (never copies) bottle/train/good[:shots] as reference version v1 and bottle/test as one
    lot under a fresh root, and builds the bank (not timed: a bank is built once per version).
@@ -93,6 +94,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=None, help="default: the config's")
+    p.add_argument("--index", default=None, help="scoring.index (default: the config's, exact)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--root", default=None, help="default: a temp dir, removed at the end")
     args = p.parse_args()
@@ -119,6 +121,7 @@ def main() -> None:
             "runtime": {"concurrency": args.concurrency}
             | ({"chunk_size": args.chunk_size} if args.chunk_size else {}),
             "products": {"bottle": {"rotation": args.rotation}},
+            "scoring": {"index": args.index} if args.index else {},
             # the references are links into the MVTec folder (setup_demo)
             "storage": {"link_roots": [str(Path(args.data).resolve() / "bottle")]},
         },
