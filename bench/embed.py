@@ -88,7 +88,7 @@ def bench_backbone(name: str, args: argparse.Namespace) -> None:
         runners[runtime] = runner
     cosines = {rt: float(patch_cosines(r(batch), reference).min()) for rt, r in runners.items()}
     calls = {rt: partial(r, batch) for rt, r in runners.items()}
-    result = measure(calls, images_per_call=batch.shape[0], rounds=args.rounds)
+    result = measure(calls, images_per_call=batch.shape[0], rounds=args.rounds, min_seconds=0.0)
     print(f"\n{name} {size}x{size} batch {batch.shape[0]} {ex.precision} ({args.rounds} rounds)")
     print(f"  {'runtime':<10}{'median ms/img':>14}{'range':>18}{'cos vs fp32':>13}")
     for f in sorted(result.figures, key=lambda f: f.runtime):

@@ -257,7 +257,8 @@ def calibrate(
     torch.set_num_threads(threads)
     try:
         calls = {name: partial(runner, batch) for name, runner in runners.items()}
-        extra = {} if rounds is None else {"rounds": rounds}
+        # rounds given: exactly that many (tests, bench); else measure's time budget decides
+        extra = {} if rounds is None else {"rounds": rounds, "min_seconds": 0.0}
         calibration = measure(calls, images_per_call=batch.shape[0], rejected=rejected, **extra)
     finally:
         torch.set_num_threads(saved_threads)

@@ -19,6 +19,13 @@ from dataclasses import dataclass, field
 #: Rounds per calibration (after one warm-up call each): the spread between rounds on a busy
 #: 2-core machine was 10-40%, the gap between the runtimes it chooses between 20-50%.
 CALIBRATION_ROUNDS = 3
+#: More rounds, up to MAX_CALIBRATION_ROUNDS, while the rounds so far took less than this: a
+#: light model's medians of 3 rounds were within noise of each other. AMD EPYC, EfficientNet-
+#: Lite0 at 448: 3 rounds picked ONNX Runtime (22.1 ms/img, OpenVINO 22.8) where 7 rounds of
+#: bench/embed.py measured OpenVINO 19.4 [17.4-23.9] and ONNX 25.9 [17.9-30.5]. A ViT's three
+#: rounds take longer than this already.
+CALIBRATION_SECONDS = 3.0
+MAX_CALIBRATION_ROUNDS = 15
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,8 @@ def measure(
     *,
     images_per_call: int,
     rounds: int = CALIBRATION_ROUNDS,
+    min_seconds: float = CALIBRATION_SECONDS,
+    max_rounds: int = MAX_CALIBRATION_ROUNDS,
     warmup: int = 1,
     clock: Callable[[], float] = time.perf_counter,
     rejected: Mapping[str, str] | None = None,
@@ -93,8 +102,9 @@ def measure(
     sleep: Callable[[float], object] = time.sleep,
 ) -> Calibration:
     """Time each candidate call (one batch of ``images_per_call`` images) in ``rounds``
-    interleaved rounds after ``warmup`` untimed calls each; the lowest median wins (ties: the
-    first candidate given). ``settle_s``: pause before each timed call (see above)."""
+    interleaved rounds after ``warmup`` untimed calls each, then in more rounds (up to
+    ``max_rounds``) while the rounds took less than ``min_seconds``; the lowest median wins
+    (ties: the first candidate given). ``settle_s``: pause before each timed call (see above)."""
     if not candidates:
         raise ValueError("no runtime to measure")
     if rounds < 1 or images_per_call < 1:
@@ -104,7 +114,8 @@ def measure(
         for name in names:
             candidates[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
+    began, r = clock(), 0
+    while r < rounds or (r < max_rounds and clock() - began < min_seconds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             if settle_s > 0:
@@ -112,9 +123,9 @@ def measure(
             start = clock()
             candidates[name]()
             times[name].append(1000.0 * (clock() - start) / images_per_call)
+        r += 1
     figures = [
-        RuntimeFigures(name, statistics.median(t), min(t), max(t), rounds)
-        for name, t in times.items()
+        RuntimeFigures(name, statistics.median(t), min(t), max(t), r) for name, t in times.items()
     ]
     fastest = sorted(figures, key=lambda f: (f.median_ms, names.index(f.runtime)))
     return Calibration(fastest[0].runtime, tuple(fastest), dict(rejected or {}))

@@ -56,6 +56,27 @@ def test_measure_interleaves_rounds_and_picks_the_lowest_median():
     assert again.to_dict() == result.to_dict() and again.choice == "openvino"
 
 
+def test_light_models_get_more_rounds_up_to_the_time_budget():
+    clock = _Clock()
+
+    def run(cost: float):
+        def call() -> None:
+            clock.now += cost
+
+        return call
+
+    fast = measure(
+        {"a": run(0.01), "b": run(0.02)}, images_per_call=1, rounds=3, min_seconds=3.0,
+        max_rounds=15, clock=clock, settle_s=0,
+    )  # fmt: skip
+    assert {f.rounds for f in fast.figures} == {15} and fast.choice == "a"
+    slow = measure(
+        {"a": run(0.9), "b": run(0.8)}, images_per_call=1, rounds=3, min_seconds=3.0,
+        max_rounds=15, clock=clock, settle_s=0,
+    )  # fmt: skip
+    assert {f.rounds for f in slow.figures} == {3} and slow.choice == "b"  # 5.1 s after 3
+
+
 def test_calibration_with_a_choice_it_has_no_figures_for_is_refused():
     data = {"choice": "onnx", "figures": [], "rejected": {}}
     with pytest.raises(ValueError, match="no figures"):
