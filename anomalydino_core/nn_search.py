@@ -17,7 +17,8 @@ its FLOPs imply. Which library reaches that differs by CPU, hence a measurement,
 ``choose_method`` times the candidates on a probe (the search's query count, rounded to a power
 of two in 512..4096, x 8192 rows of the bank's width; interleaved, best of 2 after a warm-up;
 0.1-0.8 s) once per process, width, query-count class, thread count and candidate set; faiss
-(``exact``) or bf16 (``exact_bf16``) stays unless another is 15% faster.
+(``exact``) or bf16 (``exact_bf16``) stays unless another is 15% faster. The pipeline keeps the
+results per machine (``adopt_choices`` / ``known_choices``; ``tasks/search_choices.py``).
 
 Whatever the method, the reported similarity is recomputed as one fp32 dot product of the query
 and its chosen row (``row_similarities``): the methods then agree to the bit whenever they choose
@@ -31,9 +32,10 @@ error window costs more than the fp32 product.
 
 from __future__ import annotations
 
-import functools
+import threading
 import time
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -215,16 +217,20 @@ def measure(
     return Calibration(method=method, ms=best)  # type: ignore[arg-type]
 
 
-@functools.cache
-def _cached(
-    candidates: tuple[SearchMethod, ...],
-    dim: int,
-    padded: int,
-    n_queries: int,
-    threads: tuple[int, int],
-) -> Calibration:
-    del threads  # part of the cache key only
-    return measure(candidates, dim, padded, n_queries)
+#: Probe results of this process (measured, or adopted from a cache by the caller), by
+#: ``probe_key``.
+_CHOICES: dict[str, Calibration] = {}
+_CHOICES_LOCK = threading.Lock()
+
+
+def probe_key(candidates: tuple[SearchMethod, ...], dim: int, padded: int, n_queries: int) -> str:
+    """What a probe result holds for: the candidates, the widths, the query-count class and
+    the current torch and faiss thread counts, as one string."""
+    threads = (torch.get_num_threads(), faiss.omp_get_max_threads())
+    return (
+        f"{','.join(candidates)}|dim {dim}|padded {padded}|queries {probe_queries(n_queries)}"
+        f"|threads {threads[0]}x{threads[1]}"
+    )
 
 
 def choose_method(
@@ -232,8 +238,29 @@ def choose_method(
 ) -> Calibration:
     """The fastest of ``candidates`` for a search of ``n_queries`` ``dim``-wide rows (faiss holds
     them ``padded`` wide) at the current torch and faiss thread counts, measured once per
-    process and query-count class (``probe_queries``)."""
+    process and query-count class (``probe_queries``) unless adopted (``adopt_choices``)."""
     if len(candidates) == 1:
         return Calibration(method=candidates[0], ms={})
-    threads = (torch.get_num_threads(), faiss.omp_get_max_threads())
-    return _cached(tuple(candidates), dim, padded, probe_queries(n_queries), threads)
+    key = probe_key(tuple(candidates), dim, padded, n_queries)
+    with _CHOICES_LOCK:
+        found = _CHOICES.get(key)
+        if found is None:
+            found = _CHOICES[key] = measure(tuple(candidates), dim, padded, n_queries)
+    return found
+
+
+def known_choices() -> dict[str, dict]:
+    """The probe results of this process as JSON-ready {key: {"method", "ms"}}."""
+    with _CHOICES_LOCK:
+        return {k: {"method": c.method, "ms": dict(c.ms)} for k, c in _CHOICES.items()}
+
+
+def adopt_choices(choices: Mapping[str, Mapping]) -> None:
+    """Take probe results measured earlier on this machine (``known_choices``' form); entries
+    of an unknown method are ignored, results of this process are kept."""
+    methods = typing.get_args(SearchMethod)
+    with _CHOICES_LOCK:
+        for key, value in choices.items():
+            if value.get("method") in methods and key not in _CHOICES:
+                ms = {str(k): float(v) for k, v in dict(value.get("ms", {})).items()}
+                _CHOICES[key] = Calibration(method=value["method"], ms=ms)

@@ -33,6 +33,7 @@ from tasks.run_context import (
     open_token_store,
     run_model,
 )
+from tasks.search_choices import load_search_choices, save_search_choices
 from tasks.storage import StorageConfig
 
 
@@ -49,6 +50,7 @@ class ChunkScorers:
         storage: StorageConfig,
     ) -> None:
         self.ctx = ctx
+        load_search_choices()
         self.knn = load_scorer(manifest, storage) if ctx.uses_knn else None
         self.projector = None
         if ctx.uses_foundad:
@@ -62,6 +64,7 @@ class ChunkScorers:
         n = len(features)
         with compute_lock():
             patches = self.knn.patch_distances(features, masks) if self.knn else [None] * n
+            save_search_choices()
             errors = (
                 grid_errors(self.projector, tokens, self.foundad_config)
                 if self.projector is not None
