@@ -173,3 +173,28 @@ def test_an_export_that_fails_its_check_leaves_the_size_to_torch_with_the_reason
     reasons = ex.runner.fallback_reasons
     assert list(reasons) == [(RES, RES)] and "FAILED" in reasons[(RES, RES)]
     np.testing.assert_array_equal(grid, torch_grid)  # torch ran it
+
+
+def test_an_export_check_is_kept_beside_the_export_and_decides_in_later_processes(backbones, cache):
+    backbone = backbones["efficientnet_lite0"]
+    model = _settings("efficientnet_lite0", runtime="torch")
+
+    def attached():
+        ex = build_extractor(model, backbone)
+        attach_runtime(ex, "openvino", threads=2, root=cache)
+        return ex, ex.embed(IMAGES[:1])[0]
+
+    ex, _ = attached()
+    assert not ex.runner.fallback_reasons
+    folder = ExportKey.of(backbone, "openvino", (RES, RES)).folder(cache / "exports")
+    [kept] = list((folder / "checks").glob("*.json"))
+    stored = json.loads(kept.read_text())
+    assert stored["passed"] and stored["min_patch_cosine"] >= 0.999
+    assert damage(folder, ExportKey.of(backbone, "openvino", (RES, RES))) is None
+    kept.write_text(json.dumps({**stored, "passed": False}))  # as if it had failed here
+    ex, grid = attached()
+    assert "FAILED" in ex.runner.fallback_reasons[(RES, RES)]  # the kept outcome decided
+    np.testing.assert_array_equal(grid, build_extractor(model, backbone).embed(IMAGES[:1])[0])
+    kept.unlink()  # no kept check: checked again, and kept again
+    ex, _ = attached()
+    assert not ex.runner.fallback_reasons and json.loads(kept.read_text())["passed"]
