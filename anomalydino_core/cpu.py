@@ -11,8 +11,8 @@ Memory. A ViT forward pass allocates and frees tens of MB per layer. With glibc'
 are handed back to the kernel on free and faulted in (and zeroed) again on the next allocation,
 which cost a quarter of the DINOv2 ViT-S/14 bf16 forward pass on CPU here (148 -> 111 ms per
 image at 448, batch 8). ``keep_freed_memory`` raises the trim and mmap thresholds once per process
-so that freed blocks are reused, and caps the number of malloc arenas (``MALLOC_ARENAS``). The price: the process keeps its peak heap until it exits, which
-suits batch workers. The runtime decides (``tasks.models.tune_allocator``: on CPU, unless
+so that freed blocks are reused, and caps the number of malloc arenas (``MALLOC_ARENAS``). The
+price: the process keeps its peak heap until it exits, which suits batch workers. The runtime decides (``tasks.models.tune_allocator``: on CPU, unless
 ``ANOMALYDINO_MALLOC_TUNING=0``) and passes its decision here.
 """
 

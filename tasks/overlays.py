@@ -143,6 +143,8 @@ def _reuse_overlay(
     entry = None if prev is None else prev.overlays.get(item.image_id)
     if entry is None or entry[0] != content_sha256 or tuple(prev.scale) != tuple(scale):
         return False
+    if not entry[1].endswith(OVERLAY_SUFFIX):  # an older run's PNG: rendered anew as a JPEG
+        return False
     archive = _previous_archive(prev.maps_uri, storage)
     if archive is None:
         return False
@@ -153,8 +155,6 @@ def _reuse_overlay(
     if not same:
         return False
     target = ctx.overlay_uri(item.image_id)
-    if not entry[1].endswith(OVERLAY_SUFFIX):  # an older run's PNG: rendered anew as a JPEG
-        return False
     try:
         with_storage_retries(
             lambda: copy_object(entry[1], target, storage), what=f"copy {entry[1]} -> {target}"

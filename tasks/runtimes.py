@@ -51,6 +51,7 @@ from anomalydino_core.runtimes import (
     probe_batch,
 )
 from tasks.exports import ensure_export, exporter_versions, open_export
+from tasks.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +152,12 @@ def read_calibration(path: Path, key: Mapping[str, object]) -> Calibration | Non
 def write_calibration(path: Path, key: Mapping[str, object], calibration: Calibration) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"key": key, **calibration.to_dict(), "measured_at": dt.datetime.now(dt.UTC).isoformat()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_cache_json(path, data)
+
+
+def write_cache_json(path: Path, data: Mapping[str, object]) -> None:
+    """Write a file of the machine cache atomically (rebuilt on demand: no fsync)."""
+    atomic_write_bytes(str(path), (json.dumps(data, indent=2) + "\n").encode(), durable=False)
 
 
 def _exported_runner(
@@ -194,12 +198,13 @@ def check_file(
     return folder / "checks" / f"{digest}.json"
 
 
+#: The package that runs each exported format.
+RUNTIME_PACKAGE = {"openvino": "openvino", "onnx": "onnxruntime"}
+
+
 def runtime_versions(fmt: str) -> dict[str, str]:
-    versions = {"torch": torch.__version__}
-    for package in ("openvino", "onnxruntime"):
-        if fmt.startswith(package[:4]) and importlib.util.find_spec(package) is not None:
-            versions[package] = importlib.metadata.version(package)
-    return versions
+    package = RUNTIME_PACKAGE[fmt]
+    return {"torch": torch.__version__, package: importlib.metadata.version(package)}
 
 
 def read_check(path: Path) -> ExportCheck | None:
@@ -216,10 +221,7 @@ def write_check(path: Path, check: ExportCheck) -> None:
     """Keep ``check`` beside the export (best effort: a read-only cache checks every time)."""
     data = {**dataclasses.asdict(check), "checked_at": dt.datetime.now(dt.UTC).isoformat()}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_cache_json(path, data)
     except OSError as exc:
         log.warning("export check not kept at %s: %s", path, exc)
 

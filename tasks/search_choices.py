@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import faiss
 import torch
 
 from anomalydino_core.nn_search import adopt_choices, known_choices
-from tasks.runtimes import cache_root, cpu_identity
+from tasks.runtimes import cache_root, cpu_identity, write_cache_json
 
 log = logging.getLogger(__name__)
 _saved: set[str] = set()
@@ -69,10 +68,6 @@ def save_search_choices() -> None:
             stored = json.loads(path.read_text()).get("choices", {})
         except (OSError, ValueError, AttributeError):
             stored = {}
-        data = {"key": machine_key(), "choices": {**stored, **choices}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_cache_json(path, {"key": machine_key(), "choices": {**stored, **choices}})
     except OSError as exc:
         log.warning("search probe cache %s not written: %s", path, exc)
