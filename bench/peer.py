@@ -163,13 +163,9 @@ def run_anomalib(python: Path, train: Path, test: Path, work: Path, args) -> dic
 def ours_worker(args: argparse.Namespace) -> None:
     """Runs in the project's venv: bench/pipeline.py's setup (references linked as bank v1, the
     test images as one lot), the bank built (not timed), then the audit's first run (timed)."""
-    for key, value in {
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-    }.items():
-        os.environ.setdefault(key, value)
+    from worker_env import prepare_process
+
+    prepare_process()
     import resource
 
     from flows.audit import audit_lot

@@ -22,7 +22,6 @@ a run = the flow's own wall time (from its start to the report written, model al
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import shutil
 import sys
@@ -31,15 +30,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from worker_env import REPO, prepare_process
 
-REPO = Path(__file__).resolve().parents[1]
-for key, value in {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "HF_HUB_OFFLINE": "1",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
-}.items():
-    os.environ.setdefault(key, value)
+prepare_process()
 
 
 def cpu_seconds() -> float:

@@ -17,9 +17,7 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +25,12 @@ from typing import Any
 import cv2
 import torch
 
+from anomalydino_core.allocator import keep_freed_memory
 from anomalydino_core.config import ModelSettings
-from anomalydino_core.cpu import keep_freed_memory, set_threads
+from anomalydino_core.cpu import set_threads
 from anomalydino_core.features import PatchFeatureExtractor, select_device
 from anomalydino_core.runtimes import runtime_precision
+from tasks.malloc import malloc_tuning_wanted
 from tasks.runtimes import attach_runtime
 from tasks.storage import StorageConfig, atomic_write_bytes, read_bytes
 from tasks.weights import load_backbone
@@ -58,14 +58,8 @@ def pin_threads(threads: int) -> None:
     cv2.setNumThreads(1)
 
 
-def malloc_tuning_wanted(environ: Mapping[str, str] = os.environ) -> bool:
-    """False when ``ANOMALYDINO_MALLOC_TUNING`` is 0 / false / no (glibc's defaults stay)."""
-    value = environ.get("ANOMALYDINO_MALLOC_TUNING", "1")
-    return value.strip().lower() not in ("0", "false", "no")
-
-
 def tune_allocator(device: str | torch.device) -> bool:
-    """On CPU, keep freed memory for reuse (``anomalydino_core.cpu.keep_freed_memory``: a
+    """On CPU, keep freed memory for reuse (``anomalydino_core.allocator.keep_freed_memory``: a
     quarter of a ViT forward pass) unless ``ANOMALYDINO_MALLOC_TUNING=0``; True when applied.
     Called where an extractor is built (``_cached_embedder``, the evaluation)."""
     if select_device(str(device)).type != "cpu":
