@@ -8,8 +8,9 @@ entry or an anomaly map is one chunk written once, so this module writes its obj
   (built once per combination in a memory store and cached), with the node's attributes;
 - the chunk is encoded by the same numcodecs codecs zarr would use (``bytes`` then ``blosc`` or
   ``zstd``), so the bytes are identical to zarr's (tested);
-- objects go through the zarr store's own ``set`` (atomic per object on local disk, one PUT on
-  S3), in ordered steps: every object of a step is written (concurrently) before the next step.
+- objects go, in ordered steps (every object of a step is written before the next step),
+  through the zarr store's own ``set`` (one PUT each on S3) or, on local disk, straight to a
+  temporary file renamed into place (atomic per object, as zarr's ``LocalStore`` writes).
 
 The result is an ordinary Zarr v3 hierarchy that zarr (and any Zarr v3 reader) opens as usual.
 """
@@ -20,6 +21,7 @@ import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numcodecs
@@ -28,6 +30,8 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
+
+from tasks.storage import atomic_write_bytes
 
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
@@ -160,14 +164,37 @@ async def _set_all(store: Any, files: Files) -> None:
             raise result
 
 
+def _local_root(store: Any) -> Path | None:
+    """The folder of a local store (written and checked here directly), else None."""
+    root = getattr(store, "root", None)
+    return Path(root) if isinstance(store, LocalStore) and root is not None else None
+
+
 def write_steps(store: Any, steps: Sequence[Files]) -> None:
-    """Write ``steps`` in order; the objects of one step concurrently."""
+    """Write ``steps`` in order; the objects of one step concurrently.
+
+    A local store's objects are written here, one after another, each to a temporary file
+    renamed into place (as zarr's ``LocalStore`` does, no fsync): through zarr's event loop a
+    900 x 900 map's ``MapArchive.put`` took 10-13 ms wall and 17-19 ms CPU, of which its three
+    loop round trips ~5.6 ms of waiting in the caller (AMD EPYC, 2 vCPUs).
+    """
+    root = _local_root(store)
+    if root is not None and store.read_only:
+        raise ValueError(f"{root}: the store is read-only")
     for files in steps:
-        if files:
+        if not files:
+            continue
+        if root is None:
             sync(_set_all(store, files))
+            continue
+        for key, data in files.items():
+            atomic_write_bytes(str(root / key), data, durable=False)
 
 
 def exists(store: Any, key: str) -> bool:
+    root = _local_root(store)
+    if root is not None:
+        return (root / key).is_file()
     return bool(sync(store.exists(key)))
 
 

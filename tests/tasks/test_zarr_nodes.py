@@ -85,3 +85,20 @@ def test_direct_zarr_reads_equal_zarrs_own(tmp_path: Path) -> None:
     (meta,) = zarr_nodes.read_objects(store, ["tiled/zarr.json"])
     with pytest.raises(ValueError, match="tiled: not a one-chunk"):
         zarr_nodes.decode_array(meta, None, "tiled")
+
+
+def test_local_steps_are_written_in_place_in_order_and_never_into_a_read_only_store(
+    tmp_path: Path,
+) -> None:
+    data = np.arange(12, dtype=np.float32).reshape(3, 4)
+    chunk, meta = zarr_nodes.array_files("a/x", data, attributes={"k": 1})
+    store = LocalStore(tmp_path)
+    assert not zarr_nodes.exists(store, "a/x/zarr.json")
+    zarr_nodes.write_steps(store, [chunk, meta])
+    assert zarr_nodes.exists(store, "a/x/zarr.json")
+    np.testing.assert_array_equal(zarr.open_array(store, path="a/x", mode="r")[:], data)
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temp file left
+    other = zarr_nodes.array_files("a/y", data)
+    with pytest.raises(ValueError, match="read-only"):
+        zarr_nodes.write_steps(LocalStore(tmp_path, read_only=True), list(other))
+    assert not (tmp_path / "a" / "y").exists()
