@@ -84,6 +84,17 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str
 # ------------------------------------------------------------------------------ anomalib side
 
 
+def rss_split() -> dict[str, int]:
+    """This process's resident memory now, anonymous and file-backed (bytes): file pages
+    (libraries, mapped model files) are clean and the kernel can take them back."""
+    split = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                split[line.split(":")[0].lower()] = int(line.split()[1]) * 1024
+    return split
+
+
 def anomalib_worker(args: argparse.Namespace) -> None:
     """Runs inside the peer venv: fit + predict, prints one JSON line."""
     import resource
@@ -140,6 +151,7 @@ def anomalib_worker(args: argparse.Namespace) -> None:
                 "bank": bank,
                 "map": list(preds[0].anomaly_map.shape[-2:]),
                 "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                **rss_split(),
             }
         )
     )
@@ -200,6 +212,7 @@ def ours_worker(args: argparse.Namespace) -> None:
                 "seconds": summary.seconds,
                 "bank": int(bank.bank_patches),
                 "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                **rss_split(),
             }
         )
     )
@@ -282,7 +295,9 @@ def main() -> None:
                     print(
                         f"{shots:>2}-shot rep {rep} {side:<9} {r['ms_per_image']:8.1f} ms/img "
                         f"({r['n']} images, bank {r['bank']}), peak RSS "
-                        f"{r['peak_rss_wait4'] / gib:.2f} GiB, process {r['wall']:.0f} s",
+                        f"{r['peak_rss_wait4'] / gib:.2f} GiB (at the end: anonymous "
+                        f"{r['rssanon'] / gib:.2f}, file {r['rssfile'] / gib:.2f}), process "
+                        f"{r['wall']:.0f} s",
                         flush=True,
                     )
         med = {s: statistics.median(x["ms_per_image"] for x in v) for s, v in runs.items()}
