@@ -1,5 +1,5 @@
 """What a bench process that runs the flows in-process sets first, as the ``anomalydino`` command
-and the deployments do: offline, quiet Prefect settings and glibc's malloc arenas capped."""
+does: offline, quiet Prefect settings."""
 
 from __future__ import annotations
 
@@ -18,11 +18,8 @@ ENV_DEFAULTS = {
 
 
 def prepare_process() -> None:
-    """Environment defaults, the repository importable, the arenas capped (before any thread)."""
+    """Environment defaults and the repository importable."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from tasks.malloc import cap_arenas_at_start
-
-    cap_arenas_at_start()

@@ -16,7 +16,6 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 from anomalydino_core.choices import Preprocess  # noqa: E402  (light: no torch)
 from flows.settings_cli import add_settings_flags, load_settings  # noqa: E402
-from tasks.malloc import cap_arenas_at_start  # noqa: E402  (ctypes only)
 
 EVALUATE_EXCLUDES = frozenset({"root", "incoming", "references", "scoring.rotation"})
 
@@ -115,14 +114,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``anomalydino`` command: glibc's malloc arenas capped before any thread starts
-    (``tasks.malloc.cap_arenas_at_start``), ``main``, then exit without a last garbage collection.
+    """The ``anomalydino`` command: ``main``, exiting without a last garbage collection.
 
     At exit the interpreter's final collection walks every object of torch, timm and Prefect:
     measured 8.7 s between the last ``error:`` line and the process's exit on a loaded 2-vCPU
     machine (AMD EPYC), 1.6 s with the objects frozen first. Exit handlers, thread joins and
     file flushes all still run."""
-    cap_arenas_at_start()
     rc = main()
     gc.freeze()
     sys.exit(rc)

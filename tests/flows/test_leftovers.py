@@ -32,6 +32,19 @@ def _item(i: int) -> EmbeddedImage:
     )
 
 
+def _disk_full_on(monkeypatch, failing) -> None:
+    """Every local write put into place (``os.replace``: zarr's ``LocalStore`` and the direct
+    writes of ``tasks/zarr_nodes.py``) of a path that ``failing`` picks fails with ENOSPC."""
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if failing(str(dst)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
 def _listing_warnings(uri: str) -> list[str]:
     """What zarr says while listing every node of the store (as any reader would)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -45,14 +58,8 @@ def test_a_failed_entry_write_leaves_no_node_without_metadata(tmp_path, monkeypa
     uri = str(tmp_path / "e.zarr")
     store = EmbeddingStore.open(uri, {"backbone": "x"})
     store.put(_item(0))
-    real_set = store._store.set
-
-    async def disk_full(key, value):
-        if key.endswith("/c/0/0/0"):  # the feature chunk: after the group, before the flag
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return await real_set(key, value)
-
-    monkeypatch.setattr(store._store, "set", disk_full)
+    # the feature chunk: after the group, before the flag
+    _disk_full_on(monkeypatch, lambda path: path.endswith("/c/0/0/0"))
     with pytest.raises(OSError, match="writing image 'lots/l/1.png' failed") as info:
         store.put(_item(1))
     assert info.value.__cause__.errno == errno.ENOSPC
@@ -84,14 +91,8 @@ def test_a_store_with_entries_lacking_their_group_repairs_itself(tmp_path, monke
 def test_a_failed_map_write_leaves_no_chunk_without_metadata(tmp_path, monkeypatch) -> None:
     uri = str(tmp_path / "m.zarr")
     archive = MapArchive.open(uri, {"run": "r"})
-    real_set = archive._store.set
-
-    async def disk_full(key, value):
-        if key.endswith("zarr.json") and key.startswith("maps/"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return await real_set(key, value)
-
-    monkeypatch.setattr(archive._store, "set", disk_full)
+    # the map's metadata, after its chunk
+    _disk_full_on(monkeypatch, lambda path: path.endswith(f"/maps/{image_key('a.png')}/zarr.json"))
     with pytest.raises(OSError, match="writing map"):
         archive.put("a.png", np.ones((8, 8), np.float32))
     assert list((tmp_path / "m.zarr" / "maps").iterdir()) == [tmp_path / "m.zarr/maps/zarr.json"]

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from anomalydino_core.allocator import MALLOC_ARENAS
 from infra import deploy_smoke
 from infra.prefect_worker import DEFAULT_POOL
 from infra.stack import status
@@ -27,9 +26,6 @@ def test_prefect_yaml_has_a_deployment_per_job() -> None:
     assert "schedules" not in by_entry["flows/screen.py:screen_shipment"]  # on demand
     assert by_entry["flows/reevaluate.py:reevaluate_updates"]["schedules"][0]["interval"] > 0
     assert {d["work_pool"]["name"] for d in spec["deployments"]} == {DEFAULT_POOL}
-    # flow runs cap malloc arenas from their start, as the command does (tasks/malloc.py)
-    envs = [d["work_pool"]["job_variables"]["env"] for d in spec["deployments"]]
-    assert {env.get("MALLOC_ARENA_MAX") for env in envs} == {str(MALLOC_ARENAS)}
 
 
 def test_deployment_runs_to_completion_on_a_process_worker(tmp_path, mvtec_root, capsys) -> None:
