@@ -1,5 +1,6 @@
-"""The process's allocator decision (no torch: the command line calls it before any import that
-starts threads; ``anomalydino_core.allocator`` applies it)."""
+"""The process's allocator decision, read from the environment (no torch, so that
+``cap_arenas_at_start`` can run before any import that starts threads;
+``anomalydino_core.allocator`` applies it)."""
 
 from __future__ import annotations
 

@@ -150,7 +150,6 @@ def read_calibration(path: Path, key: Mapping[str, object]) -> Calibration | Non
 
 
 def write_calibration(path: Path, key: Mapping[str, object], calibration: Calibration) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {"key": key, **calibration.to_dict(), "measured_at": dt.datetime.now(dt.UTC).isoformat()}
     write_cache_json(path, data)
 
