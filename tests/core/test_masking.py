@@ -40,10 +40,20 @@ def test_foreground_mask_finds_a_centred_object_and_is_deterministic():
     assert np.array_equal(mask, foreground_mask(feats.copy(), threshold=10.0))
 
 
-def test_first_principal_component_matches_svd_with_sklearn_sign():
+@pytest.mark.parametrize(
+    ("shape", "spread"),
+    [
+        ((12, 10, 16), 3.0),  # a clear first component
+        ((32, 32, 384), 1.02),  # ViT-S at 448, nearly flat spectrum: Lanczos's slow case
+        ((28, 70, 152), 1.0),  # a tall EfficientNet grid, white noise
+        ((5, 4, 2), 3.0),  # C = 2: the MRRR path
+    ],
+)
+def test_first_principal_component_matches_svd_with_sklearn_sign(shape, spread):
     rng = np.random.default_rng(3)
-    feats = rng.normal(0, 1, (12, 10, 16)) * np.linspace(3, 0.5, 16)
-    x = feats.reshape(-1, 16) - feats.reshape(-1, 16).mean(0)
+    dim = shape[-1]
+    feats = rng.normal(0, 1, shape) * np.linspace(spread, 0.5 * spread if spread > 1.5 else 1, dim)
+    x = feats.reshape(-1, dim) - feats.reshape(-1, dim).mean(0)
     component = np.linalg.svd(x, full_matrices=False)[2][0]
     component = component if component[np.argmax(np.abs(component))] > 0 else -component
     pc = first_principal_component(feats)
