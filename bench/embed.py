@@ -7,8 +7,10 @@
 Prints the CPU (``lscpu`` model name, the amx_bf16 / avx512_bf16 flags), then per backbone every
 runtime that can run it here: median and range of ms per image over ``--rounds`` interleaved
 rounds (``anomalydino_core.runtimes.measure``; model time only, inputs are preprocessed tensors),
-the least patch cosine to fp32 torch, and which runtime the pipeline's calibration picks
-(measured afresh into a temporary cache, with its own figures: a second, shorter measurement).
+the least patch cosine to fp32 torch (OpenVINO also as ``openvino/<batch>``: the whole batch
+per inference request, the other request size the calibration weighs), and which runtime the
+pipeline's calibration picks (measured afresh into a temporary cache, with its own figures: a
+second, shorter measurement).
 DINOv2 runs with random weights (speed does not depend on the values); EfficientNet-Lite0 runs
 at batch 1 on CPU as the pipeline does (``cpu_batch_size``). Exports are cached in
 ``$ANOMALYDINO_CACHE`` (first run: minutes of export per runtime and backbone).
@@ -86,6 +88,10 @@ def bench_backbone(name: str, args: argparse.Namespace) -> None:
             notes[runtime] = f"rejected: {runner.fallback_reasons[(size, size)]}"
             continue
         runners[runtime] = runner
+        if runtime == "openvino" and batch.shape[0] > 1:  # the whole batch per request
+            whole = build_runner(ex, runtime, args.threads, cache_root())
+            whole.set_request_images(batch.shape[0])
+            runners[f"openvino/{batch.shape[0]}"] = whole
     cosines = {rt: float(patch_cosines(r(batch), reference).min()) for rt, r in runners.items()}
     calls = {rt: partial(r, batch) for rt, r in runners.items()}
     result = measure(calls, images_per_call=batch.shape[0], rounds=args.rounds, min_seconds=0.0)

@@ -18,6 +18,12 @@
      original resolution, overlays, report.
 3. Prints ms/img, peak RSS of each, and the ratio anomalib / ours per configuration (medians).
 
+Peak RSS includes file-backed pages (libraries, mapped model files), and how many of those a
+process maps depends on the page cache: right after ``pip install`` wrote a venv, importing
+torch mapped 422 MB of file pages instead of 225 (large page-cache folios; the same torch in the
+two venvs, Intel Xeon). So before every run the page cache is dropped where this process may
+(root: ``/proc/sys/vm/drop_caches``; printed), and both sides start from the same state.
+
 Both sides use ``--threads`` threads. ``--test-images N`` uses the first N test images (sorted)
 on both sides for a reduced run (ours then reads a temp copy of them, outside the repo).
 """
@@ -63,6 +69,17 @@ def link_images(data: Path, shots: int, n_test: int, root: Path) -> tuple[Path, 
     for path in sorted((data / "test").glob("*/*.png"))[:n_test]:
         (test / f"{path.parent.name}_{path.name}").symlink_to(path)
     return train, test
+
+
+def drop_page_cache() -> bool:
+    """Write back and drop the clean page cache (root only); False where not permitted."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("1\n")
+        return True
+    except OSError:
+        return False
 
 
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, int, float]:
@@ -286,6 +303,7 @@ def main() -> None:
             for rep in range(args.reps):
                 order = ["anomalib", "ours"] if rep % 2 == 0 else ["ours", "anomalib"]
                 for side in order:
+                    dropped = drop_page_cache()
                     if side == "anomalib":
                         work = Path(tmp) / f"work{rep}"
                         r = run_anomalib(python, train, test, work, args)
@@ -297,7 +315,7 @@ def main() -> None:
                         f"({r['n']} images, bank {r['bank']}), peak RSS "
                         f"{r['peak_rss_wait4'] / gib:.2f} GiB (at the end: anonymous "
                         f"{r['rssanon'] / gib:.2f}, file {r['rssfile'] / gib:.2f}), process "
-                        f"{r['wall']:.0f} s",
+                        f"{r['wall']:.0f} s{'' if dropped else ' (page cache not dropped)'}",
                         flush=True,
                     )
         med = {s: statistics.median(x["ms_per_image"] for x in v) for s, v in runs.items()}

@@ -48,6 +48,7 @@ from anomalydino_core.runtimes import (
     check_against_torch,
     has_vit_cpu_blocks,
     measure,
+    measure_request_images,
     probe_batch,
 )
 from tasks.exports import ensure_export, exporter_versions, open_export
@@ -280,7 +281,10 @@ def attach_runtime(
     path = calibration_file(key, root)
     cached = None if remeasure else read_calibration(path, key)
     if cached is not None:
-        extractor.use_runner(build_runner(extractor, cached.choice, threads, root))
+        runner = build_runner(extractor, cached.choice, threads, root)
+        if isinstance(runner, PerShapeRunner):
+            runner.set_request_images(cached.request_images)
+        extractor.use_runner(runner)
         return RuntimeDecision("auto", cached.choice, cached, False, path)
     calibration, runners = calibrate(extractor, names, threads, root, rounds=rounds)
     write_calibration(path, key, calibration)
@@ -319,6 +323,26 @@ def calibrate(
         # rounds given: exactly that many (tests, bench); else measure's time budget decides
         extra = {} if rounds is None else {"rounds": rounds, "min_seconds": 0.0}
         calibration = measure(calls, images_per_call=batch.shape[0], rejected=rejected, **extra)
+        chosen = runners[calibration.choice]
+        if calibration.choice == "openvino" and batch.shape[0] > 1:
+            calibration = _with_request_images(calibration, chosen, batch, extra)
     finally:
         torch.set_num_threads(saved_threads)
     return calibration, runners
+
+
+def _with_request_images(
+    calibration: Calibration, runner: PerShapeRunner, batch: torch.Tensor, extra: dict
+) -> Calibration:
+    """OpenVINO chosen: one image per request or the whole batch, measured (the runner keeps
+    the choice)."""
+
+    def run(images: int) -> None:
+        runner.set_request_images(images)
+        runner(batch)
+
+    images, figures = measure_request_images(
+        run, [1, batch.shape[0]], images_per_call=batch.shape[0], **extra
+    )
+    runner.set_request_images(images)
+    return dataclasses.replace(calibration, request_images=images, request_figures=figures)

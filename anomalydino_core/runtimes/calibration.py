@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 #: Rounds per calibration (after one warm-up call each): the spread between rounds on a busy
 #: 2-core machine was 10-40%, the gap between the runtimes it chooses between 20-50%.
@@ -26,6 +27,9 @@ CALIBRATION_ROUNDS = 3
 #: rounds take longer than this already.
 CALIBRATION_SECONDS = 3.0
 MAX_CALIBRATION_ROUNDS = 15
+#: More images per inference request are chosen only when their median is at most this fraction
+#: of one image per request's: 8 ViT-S images at 448 hold ~0.15 GiB more working memory.
+REQUEST_MARGIN = 0.95
 
 
 @dataclass(frozen=True)
@@ -61,17 +65,23 @@ class RuntimeFigures:
 @dataclass(frozen=True)
 class Calibration:
     """The chosen runtime, every candidate's figures (fastest first) and the runtimes left out
-    with their reason (an export that failed its check, a missing package)."""
+    with their reason (an export that failed its check, a missing package). OpenVINO only:
+    ``request_images``, the images per inference request, and ``request_figures``, its
+    candidates' figures (named by the image count; empty when not measured: one per request)."""
 
     choice: str
     figures: tuple[RuntimeFigures, ...]
     rejected: Mapping[str, str] = field(default_factory=dict)
+    request_images: int = 1
+    request_figures: tuple[RuntimeFigures, ...] = ()
 
     def to_dict(self) -> dict:
         return {
             "choice": self.choice,
             "figures": [f.to_dict() for f in self.figures],
             "rejected": dict(self.rejected),
+            "request_images": self.request_images,
+            "request_figures": [f.to_dict() for f in self.request_figures],
         }
 
     @classmethod
@@ -80,12 +90,27 @@ class Calibration:
         choice = str(d["choice"])
         if choice not in {f.runtime for f in figures}:
             raise ValueError(f"calibration choice {choice!r} has no figures")
-        return cls(choice=choice, figures=figures, rejected=dict(d.get("rejected", {})))
+        request_images = int(d.get("request_images", 1))
+        if request_images < 1:
+            raise ValueError(f"request_images must be >= 1, got {request_images}")
+        return cls(
+            choice=choice,
+            figures=figures,
+            rejected=dict(d.get("rejected", {})),
+            request_images=request_images,
+            request_figures=tuple(
+                RuntimeFigures.from_dict(f) for f in d.get("request_figures", ())
+            ),
+        )
 
     def text(self) -> str:
         parts = [f"{f.runtime} {f.median_ms:.1f} ms/img" for f in self.figures]
         left_out = [f"{name} left out: {why}" for name, why in self.rejected.items()]
-        return f"runtime {self.choice} (" + ", ".join(parts + left_out) + ")"
+        text = f"runtime {self.choice} (" + ", ".join(parts + left_out) + ")"
+        if self.request_figures:
+            sizes = ", ".join(f"{f.runtime}: {f.median_ms:.1f}" for f in self.request_figures)
+            text += f"; {self.request_images} image(s) per request (ms/img by images: {sizes})"
+        return text
 
 
 def measure(
@@ -129,3 +154,22 @@ def measure(
     ]
     fastest = sorted(figures, key=lambda f: (f.median_ms, names.index(f.runtime)))
     return Calibration(fastest[0].runtime, tuple(fastest), dict(rejected or {}))
+
+
+def measure_request_images(
+    run: Callable[[int], object],
+    sizes: Sequence[int],
+    *,
+    images_per_call: int,
+    margin: float = REQUEST_MARGIN,
+    **measure_options,
+) -> tuple[int, tuple[RuntimeFigures, ...]]:
+    """(images per request, the figures named by size) for a runtime whose batch of
+    ``images_per_call`` images runs as requests of ``run(size)``'s size: ``sizes[0]`` (the least
+    memory) unless another size's median is at most ``margin`` of its median; then the fastest."""
+    calls = {str(size): partial(run, size) for size in sizes}
+    result = measure(calls, images_per_call=images_per_call, **measure_options)
+    median = {f.runtime: f.median_ms for f in result.figures}
+    base = str(sizes[0])
+    faster = [f for f in result.figures if f.median_ms <= margin * median[base]]
+    return (int(faster[0].runtime) if faster else sizes[0]), result.figures

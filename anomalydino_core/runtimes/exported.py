@@ -112,31 +112,34 @@ def openvino_compile_config(precision: str, threads: int) -> dict[str, object]:
     }
 
 
-#: Images per OpenVINO inference request (a batch runs as consecutive requests). AMD EPYC
-#: (avx512_bf16, 2 threads), ViT-S/14 448 bf16, one compiled model, interleaved, medians of 6
-#: rounds: 1 / 2 / 4 / 8 images per request 202 / 200 / 208 / 211 ms per image, the requests'
-#: working memory +0.06 GiB at 1 and +0.21 GiB at 8 (one ViT image is already 1,025 rows per
-#: product). Not yet measured on AMX.
+#: Images per OpenVINO inference request (a batch runs as consecutive requests) unless the
+#: calibration measured the whole batch per request faster (``REQUEST_MARGIN``). ViT-S/14 448
+#: bf16, 2 threads, one compiled model, interleaved, medians of 6 rounds, 1 / 2 / 4 / 8 images
+#: per request: AMD EPYC (avx512_bf16) 202 / 200 / 208 / 211 ms per image; Intel Xeon (AMX)
+#: 73.5 / 68.2 / 66.7 / 65.9. The requests' working memory: +0.06 GiB at 1 image, +0.21 at 8.
 OPENVINO_REQUEST_IMAGES = 1
 
 
 class OpenVinoRunner:
     """Runs a compiled OpenVINO model: (B, 3, H, W) -> (B, gh, gw, C) float32 numpy, in requests
-    of ``OPENVINO_REQUEST_IMAGES`` images."""
+    of ``request_images`` images (the calibration's choice, else ``OPENVINO_REQUEST_IMAGES``)."""
 
     name = "openvino"
 
-    def __init__(self, model, *, precision: str, threads: int) -> None:
+    def __init__(
+        self, model, *, precision: str, threads: int, request_images: int = OPENVINO_REQUEST_IMAGES
+    ) -> None:
         import openvino as ov
 
         self.compiled = ov.Core().compile_model(
             model, "CPU", openvino_compile_config(precision, threads)
         )
         self.request = self.compiled.create_infer_request()
+        self.request_images = max(1, int(request_images))
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         x = np.ascontiguousarray(batch.detach().float().cpu().numpy())
-        output, step = self.compiled.output(0), OPENVINO_REQUEST_IMAGES
+        output, step = self.compiled.output(0), self.request_images
         parts = [
             np.array(self.request.infer({0: x[i : i + step]})[output], dtype=np.float32, copy=True)
             for i in range(0, x.shape[0], step)
@@ -226,6 +229,14 @@ class PerShapeRunner:
         self.fallback = fallback
         self.runners: dict[tuple[int, int], BatchRunner] = {}
         self.fallback_reasons: dict[tuple[int, int], str] = {}
+        self.request_images = OPENVINO_REQUEST_IMAGES
+
+    def set_request_images(self, images: int) -> None:
+        """Images per inference request of every OpenVINO runner, built or still to come."""
+        self.request_images = max(1, int(images))
+        for runner in self.runners.values():
+            if isinstance(runner, OpenVinoRunner):
+                runner.request_images = self.request_images
 
     def runner_for(self, input_hw: tuple[int, int]) -> BatchRunner:
         runner = self.runners.get(input_hw)
@@ -238,6 +249,8 @@ class PerShapeRunner:
                 )
                 self.fallback_reasons[input_hw] = str(exc)
                 runner = self.fallback
+            if isinstance(runner, OpenVinoRunner):
+                runner.request_images = self.request_images
             self.runners[input_hw] = runner
         return runner
 

@@ -14,6 +14,7 @@ from anomalydino_core.runtimes import (
     RuntimeRejected,
     candidates,
     measure,
+    measure_request_images,
     patch_cosines,
     runtime_precision,
 )
@@ -83,6 +84,39 @@ def test_calibration_with_a_choice_it_has_no_figures_for_is_refused():
         Calibration.from_dict(data)
     with pytest.raises(ValueError, match="no runtime"):
         measure({}, images_per_call=1)
+
+
+@pytest.mark.parametrize(
+    ("cost_of_8", "chosen"),
+    [(0.97, 1), (0.94, 8), (0.90, 8), (1.10, 1)],  # per image, relative to one per request
+)
+def test_request_size_is_one_image_unless_the_batch_is_clearly_faster(cost_of_8, chosen):
+    clock = _Clock()
+
+    def run(images: int) -> None:
+        clock.now += 8 * (1.0 if images == 1 else cost_of_8)
+
+    images, figures = measure_request_images(
+        run, [1, 8], images_per_call=8, rounds=3, min_seconds=0, clock=clock, settle_s=0
+    )
+    assert images == chosen
+    assert {f.runtime: round(f.median_ms) for f in figures} == {
+        "1": 1000, "8": round(1000 * cost_of_8)
+    }  # fmt: skip
+
+
+def test_calibration_keeps_its_request_size_and_older_files_mean_one():
+    figures = [{"runtime": "openvino", "median_ms_per_image": 66.0, "min_ms_per_image": 65.0,
+                "max_ms_per_image": 70.0, "rounds": 3}]  # fmt: skip
+    old = Calibration.from_dict({"choice": "openvino", "figures": figures})
+    assert old.request_images == 1 and old.request_figures == ()
+    sizes = [{**figures[0], "runtime": "1", "median_ms_per_image": 73.5},
+             {**figures[0], "runtime": "8", "median_ms_per_image": 65.9}]  # fmt: skip
+    new = Calibration.from_dict({**old.to_dict(), "request_images": 8, "request_figures": sizes})
+    assert Calibration.from_dict(new.to_dict()) == new and new.request_images == 8
+    assert "8 image(s) per request (ms/img by images: 1: 73.5, 8: 65.9)" in new.text()
+    with pytest.raises(ValueError, match="request_images"):
+        Calibration.from_dict({**old.to_dict(), "request_images": 0})
 
 
 def test_runtime_rules():

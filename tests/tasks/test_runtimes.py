@@ -198,3 +198,52 @@ def test_an_export_check_is_kept_beside_the_export_and_decides_in_later_processe
     kept.unlink()  # no kept check: checked again, and kept again
     ex, _ = attached()
     assert not ex.runner.fallback_reasons and json.loads(kept.read_text())["passed"]
+
+
+def test_openvino_chosen_measures_its_request_size_and_later_processes_keep_it(backbones, cache):
+    """The calibration that picks OpenVINO also measures one image per request against the
+    whole batch; the choice follows the margin rule, is cached, and later processes apply it."""
+    from anomalydino_core.runtimes import REQUEST_MARGIN, candidates, has_vit_cpu_blocks
+    from tasks.runtimes import (
+        calibrate,
+        calibration_file,
+        calibration_key,
+        installed_runtimes,
+        write_calibration,
+    )
+
+    backbone = backbones["dinov2_vits14"]
+    model = _settings("dinov2_vits14", runtime="torch", precision="bf16")
+    ex = build_extractor(model, backbone)
+    calibration, runners = calibrate(ex, ["openvino"], 2, cache, rounds=2)
+    figures = {f.runtime: f.median_ms for f in calibration.request_figures}
+    assert calibration.choice == "openvino" and set(figures) == {"1", "2"}
+    wanted = 2 if figures["2"] <= REQUEST_MARGIN * figures["1"] else 1
+    assert calibration.request_images == wanted
+    runner = runners["openvino"]
+    assert runner.request_images == wanted
+    assert all(r.request_images == wanted for r in runner.runners.values())
+    assert "per request" in calibration.text()
+
+    # the other size gives the same grids (within the export check's tolerance)
+    grids = ex.embed(IMAGES[:1] * 2)
+    runner.set_request_images(3 - wanted)
+    for got, ref in zip(ex.embed(IMAGES[:1] * 2), grids, strict=True):
+        assert patch_cosines(got, ref).min() >= 0.999
+
+    # a later process reads the choice (forced to 2 here) and applies it to every input size
+    names, _ = candidates(
+        device_type="cpu",
+        precision=ex.precision,
+        has_vit_cpu=has_vit_cpu_blocks(ex.module),
+        installed=installed_runtimes(),
+    )
+    key = calibration_key(ex, 2, names)
+    forced = calibration.__class__.from_dict({**calibration.to_dict(), "request_images": 2})
+    write_calibration(calibration_file(key, cache), key, forced)
+    later = build_extractor(model, backbone)
+    decision = attach_runtime(later, "auto", threads=2, root=cache)
+    assert decision.runtime == "openvino" and not decision.measured_now
+    later.embed(IMAGES)  # two input sizes: both runners get the cached request size
+    assert len(later.runner.runners) == 2
+    assert all(r.request_images == 2 for r in later.runner.runners.values())
