@@ -7,10 +7,11 @@
 Prints the CPU (``lscpu`` model name, the amx_bf16 / avx512_bf16 flags), then per backbone every
 runtime that can run it here: median and range of ms per image over ``--rounds`` interleaved
 rounds (``anomalydino_core.runtimes.measure``; model time only, inputs are preprocessed tensors),
-the least patch cosine to fp32 torch (OpenVINO also as ``openvino/<batch>``: the whole batch
-per inference request, the other request size the calibration weighs), and which runtime the
-pipeline's calibration picks (measured afresh into a temporary cache, with its own figures: a
-second, shorter measurement).
+quiet and beside the pipeline's preprocessing on one thread (``tasks.runtimes.BESIDE_WORK``, as
+the calibration measures), the least patch cosine to fp32 torch (OpenVINO also as
+``openvino/<batch>``: the whole batch per inference request, the other request size the
+calibration weighs), and which runtime the pipeline's calibration picks (measured afresh into a
+temporary cache, with its own figures: a second, shorter measurement).
 DINOv2 runs with random weights (speed does not depend on the values); EfficientNet-Lite0 runs
 at batch 1 on CPU as the pipeline does (``cpu_batch_size``). Exports are cached in
 ``$ANOMALYDINO_CACHE`` (first run: minutes of export per runtime and backbone).
@@ -30,6 +31,7 @@ import torch
 from anomalydino_core.config import ModelSettings
 from anomalydino_core.runtimes import (
     PerShapeRunner,
+    beside,
     fp32_reference,
     measure,
     patch_cosines,
@@ -41,6 +43,7 @@ from tasks.runtimes import (
     build_runner,
     cache_root,
     cpu_identity,
+    preprocessing_work,
     why_not,
 )
 from tasks.weights import load_backbone
@@ -95,11 +98,17 @@ def bench_backbone(name: str, args: argparse.Namespace) -> None:
     cosines = {rt: float(patch_cosines(r(batch), reference).min()) for rt, r in runners.items()}
     calls = {rt: partial(r, batch) for rt, r in runners.items()}
     result = measure(calls, images_per_call=batch.shape[0], rounds=args.rounds, min_seconds=0.0)
+    with beside(preprocessing_work(ex)):
+        loaded = measure(calls, images_per_call=batch.shape[0], rounds=args.rounds, min_seconds=0)
+    under = {f.runtime: f for f in loaded.figures}
     print(f"\n{name} {size}x{size} batch {batch.shape[0]} {ex.precision} ({args.rounds} rounds)")
-    print(f"  {'runtime':<10}{'median ms/img':>14}{'range':>18}{'cos vs fp32':>13}")
+    print(f"  {'runtime':<11}{'quiet ms/img':>13}{'range':>13}{'beside ms/img':>15}{'range':>13}"
+          f"{'cos vs fp32':>13}")  # fmt: skip
     for f in sorted(result.figures, key=lambda f: f.runtime):
-        span = f"{f.min_ms:.1f}-{f.max_ms:.1f}"
-        print(f"  {f.runtime:<10}{f.median_ms:>14.1f}{span:>18}{cosines[f.runtime]:>13.6f}")
+        u = under[f.runtime]
+        print(f"  {f.runtime:<11}{f.median_ms:>13.1f}{f'{f.min_ms:.1f}-{f.max_ms:.1f}':>13}"
+              f"{u.median_ms:>15.1f}{f'{u.min_ms:.1f}-{u.max_ms:.1f}':>13}"
+              f"{cosines[f.runtime]:>13.6f}")  # fmt: skip
     for runtime, note in notes.items():
         print(f"  {runtime:<10}{note}")
     with tempfile.TemporaryDirectory() as tmp:  # exports shared, the calibration fresh

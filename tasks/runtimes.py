@@ -3,7 +3,7 @@
 ``model.runtime=auto`` on CPU: the first use of a (CPU model + its bf16/AMX/AVX flags, torch
 threads, backbone + weights sha256, resolution, batch, precision, library versions, candidate
 runtimes) measures every candidate (``anomalydino_core.runtimes.measure``: interleaved rounds,
-median) and writes the choice with its figures to
+median, beside the pipeline's preprocessing on one thread: ``BESIDE_WORK``) and writes the choice with its figures to
 ``<cache>/runtimes/<backbone>-<resolution>-<digest>.json``; later processes read it and measure
 nothing. Delete the file (or change the key) to measure again. On CUDA ``auto`` is torch.
 
@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from anomalydino_core.features import PatchFeatureExtractor
+from anomalydino_core.features import PatchFeatureExtractor, to_input_tensor
 from anomalydino_core.runtimes import (
     EXPORTED,
     MIN_PATCH_COSINE,
@@ -44,11 +45,12 @@ from anomalydino_core.runtimes import (
     PerShapeRunner,
     RuntimeRejected,
     applicability,
+    beside,
     candidates,
     check_against_torch,
+    fold_request_sizes,
     has_vit_cpu_blocks,
     measure,
-    measure_request_images,
     probe_batch,
 )
 from tasks.exports import ensure_export, exporter_versions, open_export
@@ -128,6 +130,7 @@ def calibration_key(
         "precision": extractor.precision,
         "runtimes": list(runtimes),
         "versions": versions,
+        "measured_beside": BESIDE_WORK,
     }
 
 
@@ -303,7 +306,10 @@ def calibrate(
     rounds: int | None = None,
 ) -> tuple[Calibration, dict[str, BatchRunner]]:
     """(the calibration, its runners) of ``names`` measured on a (batch, 3, resolution,
-    resolution) batch with ``threads`` torch threads; exported runtimes that fail their export or check are left out with the reason."""
+    resolution) batch with ``threads`` torch threads, beside ``BESIDE_WORK``; exported runtimes
+    that fail their export or check are left out with the reason. OpenVINO runs as two
+    candidates when the batch holds several images: one image per request and the whole batch
+    per request (``fold_request_sizes`` decides between them)."""
     size = extractor.preprocess.resolution
     batch = probe_batch((size, size), batch=extractor.batch_size)
     runners: dict[str, BatchRunner] = {}
@@ -316,33 +322,33 @@ def calibrate(
                 rejected[name] = runner.fallback_reasons[(size, size)]
                 continue
         runners[name] = runner
+    timed = dict(runners)
+    if "openvino" in runners and batch.shape[0] > 1:
+        whole = build_runner(extractor, "openvino", threads, root)
+        whole.set_request_images(batch.shape[0])
+        timed[f"openvino/{batch.shape[0]}"] = whole
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        calls = {name: partial(runner, batch) for name, runner in runners.items()}
+        calls = {name: partial(runner, batch) for name, runner in timed.items()}
         # rounds given: exactly that many (tests, bench); else measure's time budget decides
         extra = {} if rounds is None else {"rounds": rounds, "min_seconds": 0.0}
-        calibration = measure(calls, images_per_call=batch.shape[0], rejected=rejected, **extra)
-        chosen = runners[calibration.choice]
-        if calibration.choice == "openvino" and batch.shape[0] > 1:
-            calibration = _with_request_images(calibration, chosen, batch, extra)
+        with beside(preprocessing_work(extractor)):
+            measured = measure(calls, images_per_call=batch.shape[0], rejected=rejected, **extra)
     finally:
         torch.set_num_threads(saved_threads)
+    calibration = fold_request_sizes(measured)
+    if calibration.choice == "openvino":
+        runners["openvino"].set_request_images(calibration.request_images)
     return calibration, runners
 
 
-def _with_request_images(
-    calibration: Calibration, runner: PerShapeRunner, batch: torch.Tensor, extra: dict
-) -> Calibration:
-    """OpenVINO chosen: one image per request or the whole batch, measured (the runner keeps
-    the choice)."""
+#: What the calibration runs beside its candidates (``anomalydino_core.runtimes.beside``): the
+#: pipeline's preprocessing of a 900 x 900 image, as its decoding threads do while the model runs.
+BESIDE_WORK = "to_input_tensor 900x900, half of one thread"
 
-    def run(images: int) -> None:
-        runner.set_request_images(images)
-        runner(batch)
 
-    images, figures = measure_request_images(
-        run, [1, batch.shape[0]], images_per_call=batch.shape[0], **extra
-    )
-    runner.set_request_images(images)
-    return dataclasses.replace(calibration, request_images=images, request_figures=figures)
+def preprocessing_work(extractor: PatchFeatureExtractor) -> partial:
+    """One preprocessing of a seeded 900 x 900 RGB image for ``extractor`` (``BESIDE_WORK``)."""
+    image = np.random.default_rng(0).integers(0, 256, (900, 900, 3), dtype=np.uint8)
+    return partial(to_input_tensor, image, extractor.preprocess)

@@ -11,10 +11,11 @@ from anomalydino_core.features import PatchFeatureExtractor
 from anomalydino_core.runtimes import (
     Calibration,
     PerShapeRunner,
+    RuntimeFigures,
     RuntimeRejected,
     candidates,
+    fold_request_sizes,
     measure,
-    measure_request_images,
     patch_cosines,
     runtime_precision,
 )
@@ -86,23 +87,36 @@ def test_calibration_with_a_choice_it_has_no_figures_for_is_refused():
         measure({}, images_per_call=1)
 
 
+def _figures(**medians: float) -> tuple[RuntimeFigures, ...]:
+    figures = [
+        RuntimeFigures(name.replace("_", "/"), ms, ms, ms, 3) for name, ms in medians.items()
+    ]
+    return tuple(sorted(figures, key=lambda f: f.median_ms))
+
+
 @pytest.mark.parametrize(
-    ("cost_of_8", "chosen"),
-    [(0.97, 1), (0.94, 8), (0.90, 8), (1.10, 1)],  # per image, relative to one per request
+    ("medians", "choice", "images"),
+    [
+        ({"torch": 75.0, "openvino": 78.0, "openvino_8": 72.0}, "openvino", 8),  # 7.7% faster
+        ({"torch": 75.0, "openvino": 74.0, "openvino_8": 71.0}, "openvino", 1),  # 4%: memory wins
+        ({"torch": 72.0, "openvino": 78.0, "openvino_8": 71.0}, "openvino", 8),  # 9%, fastest
+        ({"torch": 72.0, "openvino": 74.0, "openvino_8": 71.0}, "torch", 1),  # 4%: the next one
+        ({"torch": 70.0, "openvino": 78.0, "openvino_8": 72.0}, "torch", 1),
+        ({"torch": 80.0, "openvino": 78.0}, "openvino", 1),  # batch 1: no variant measured
+    ],
 )
-def test_request_size_is_one_image_unless_the_batch_is_clearly_faster(cost_of_8, chosen):
-    clock = _Clock()
-
-    def run(images: int) -> None:
-        clock.now += 8 * (1.0 if images == 1 else cost_of_8)
-
-    images, figures = measure_request_images(
-        run, [1, 8], images_per_call=8, rounds=3, min_seconds=0, clock=clock, settle_s=0
-    )
-    assert images == chosen
-    assert {f.runtime: round(f.median_ms) for f in figures} == {
-        "1": 1000, "8": round(1000 * cost_of_8)
-    }  # fmt: skip
+def test_openvino_request_sizes_fold_into_one_choice(medians, choice, images):
+    figures = _figures(**medians)
+    measured = Calibration(figures[0].runtime, figures)
+    folded = fold_request_sizes(measured)
+    assert (folded.choice, folded.request_images) == (choice, images)
+    assert {f.runtime for f in folded.figures} == {n for n in medians if "_" not in n}
+    if "openvino_8" in medians:
+        sizes = {f.runtime: f.median_ms for f in folded.request_figures}
+        assert sizes == {"1": medians["openvino"], "8": medians["openvino_8"]}
+        assert Calibration.from_dict(folded.to_dict()) == folded
+    else:
+        assert folded == measured
 
 
 def test_calibration_keeps_its_request_size_and_older_files_mean_one():
