@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +16,7 @@ from anomalydino_core.runtimes import (
     PerShapeRunner,
     RuntimeFigures,
     RuntimeRejected,
+    beside,
     candidates,
     fold_request_sizes,
     measure,
@@ -131,6 +135,22 @@ def test_calibration_keeps_its_request_size_and_older_files_mean_one():
     assert "8 image(s) per request (ms/img by images: 1: 73.5, 8: 65.9)" in new.text()
     with pytest.raises(ValueError, match="request_images"):
         Calibration.from_dict({**old.to_dict(), "request_images": 0})
+
+
+def test_beside_runs_its_work_on_one_thread_during_the_block_only():
+    calls: list[str] = []
+
+    def work() -> None:
+        calls.append(threading.current_thread().name)
+        time.sleep(0.001)
+
+    with beside(work, duty=0.5):
+        time.sleep(0.2)
+        during = len(calls)
+    time.sleep(0.05)
+    assert during > 10 and set(calls) == {"calibration-beside"}
+    assert len(calls) - during <= 5  # a call or so in flight when the block ended, then none
+    assert not any(t.name == "calibration-beside" for t in threading.enumerate())
 
 
 def test_runtime_rules():
