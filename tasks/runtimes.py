@@ -5,7 +5,8 @@ threads, backbone + weights sha256, resolution, batch, precision, library versio
 runtimes) measures every candidate (``anomalydino_core.runtimes.measure``: interleaved rounds,
 median, beside the pipeline's preprocessing on one thread: ``BESIDE_WORK``) and writes the
 choice with its figures to ``<cache>/runtimes/<backbone>-<resolution>-<digest>.json``; later
-processes read it and measure nothing. Delete the file (or change the key) to measure again. On CUDA ``auto`` is torch.
+processes read it and measure nothing. Delete the file (or change the key) to measure again.
+On CUDA ``auto`` is torch.
 
 ``<cache>`` is ``$ANOMALYDINO_CACHE``, else ``~/.cache/anomalydino``; exported models live under
 ``<cache>/exports`` (``tasks/exports.py``). An exported runtime is checked against fp32 torch

@@ -20,8 +20,13 @@ import importlib
 from typing import Any
 
 _MODULE_OF = {
-    **dict.fromkeys(["CALIBRATION_ROUNDS", "REQUEST_MARGIN", "Calibration", "RuntimeFigures", "beside",
-         "fold_request_sizes", "measure"], "calibration"),
+    **dict.fromkeys(
+        [
+            "CALIBRATION_ROUNDS", "REQUEST_MARGIN", "Calibration", "RuntimeFigures", "beside",
+            "fold_request_sizes", "measure",
+        ],
+        "calibration",
+    ),
     **dict.fromkeys(
         [
             "EXPORT_RULE", "MIN_PATCH_COSINE", "ONNX_OPSET", "BatchRunner", "ExportCheck",
