@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import tempfile
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +43,7 @@ from tasks.runtimes import (
     cache_root,
     cpu_identity,
     preprocessing_work,
+    timed_calls,
     why_not,
 )
 from tasks.weights import load_backbone
@@ -91,12 +91,8 @@ def bench_backbone(name: str, args: argparse.Namespace) -> None:
             notes[runtime] = f"rejected: {runner.fallback_reasons[(size, size)]}"
             continue
         runners[runtime] = runner
-        if runtime == "openvino" and batch.shape[0] > 1:  # the whole batch per request
-            whole = build_runner(ex, runtime, args.threads, cache_root())
-            whole.set_request_images(batch.shape[0])
-            runners[f"openvino/{batch.shape[0]}"] = whole
-    cosines = {rt: float(patch_cosines(r(batch), reference).min()) for rt, r in runners.items()}
-    calls = {rt: partial(r, batch) for rt, r in runners.items()}
+    calls = timed_calls(runners, batch)  # OpenVINO also as openvino/<batch>
+    cosines = {rt: float(patch_cosines(call(), reference).min()) for rt, call in calls.items()}
     result = measure(calls, images_per_call=batch.shape[0], rounds=args.rounds, min_seconds=0.0)
     with beside(preprocessing_work(ex)):
         loaded = measure(calls, images_per_call=batch.shape[0], rounds=args.rounds, min_seconds=0)

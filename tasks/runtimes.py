@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -309,8 +309,8 @@ def calibrate(
     """(the calibration, its runners) of ``names`` measured on a (batch, 3, resolution,
     resolution) batch with ``threads`` torch threads, beside ``BESIDE_WORK``; exported runtimes
     that fail their export or check are left out with the reason. OpenVINO runs as two
-    candidates when the batch holds several images: one image per request and the whole batch
-    per request (``fold_request_sizes`` decides between them)."""
+    candidates when the batch holds several images (``timed_calls``; ``fold_request_sizes``
+    decides between them)."""
     size = extractor.preprocess.resolution
     batch = probe_batch((size, size), batch=extractor.batch_size)
     runners: dict[str, BatchRunner] = {}
@@ -323,15 +323,10 @@ def calibrate(
                 rejected[name] = runner.fallback_reasons[(size, size)]
                 continue
         runners[name] = runner
-    timed = dict(runners)
-    if "openvino" in runners and batch.shape[0] > 1:
-        whole = build_runner(extractor, "openvino", threads, root)
-        whole.set_request_images(batch.shape[0])
-        timed[f"openvino/{batch.shape[0]}"] = whole
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        calls = {name: partial(runner, batch) for name, runner in timed.items()}
+        calls = timed_calls(runners, batch)
         # rounds given: exactly that many (tests, bench); else measure's time budget decides
         extra = {} if rounds is None else {"rounds": rounds, "min_seconds": 0.0}
         with beside(preprocessing_work(extractor)):
@@ -342,6 +337,27 @@ def calibrate(
     if calibration.choice == "openvino":
         runners["openvino"].set_request_images(calibration.request_images)
     return calibration, runners
+
+
+def timed_calls(
+    runners: Mapping[str, BatchRunner], batch: torch.Tensor
+) -> dict[str, Callable[[], np.ndarray]]:
+    """One call of each runner on ``batch``; with several images in the batch OpenVINO gives
+    two: one image per request (``openvino``) and the whole batch per request
+    (``openvino/<batch>``), on the same compiled model, its request size set before each call."""
+    calls = {name: partial(runner, batch) for name, runner in runners.items()}
+    openvino = runners.get("openvino")
+    if isinstance(openvino, PerShapeRunner) and batch.shape[0] > 1:
+        calls["openvino"] = partial(_in_requests_of, openvino, 1, batch)
+        calls[f"openvino/{batch.shape[0]}"] = partial(
+            _in_requests_of, openvino, batch.shape[0], batch
+        )
+    return calls
+
+
+def _in_requests_of(runner: PerShapeRunner, images: int, batch: torch.Tensor) -> np.ndarray:
+    runner.set_request_images(images)
+    return runner(batch)
 
 
 #: What the calibration runs beside its candidates (``anomalydino_core.runtimes.beside``): the

@@ -126,16 +126,14 @@ class OpenVinoRunner:
 
     name = "openvino"
 
-    def __init__(
-        self, model, *, precision: str, threads: int, request_images: int = OPENVINO_REQUEST_IMAGES
-    ) -> None:
+    def __init__(self, model, *, precision: str, threads: int) -> None:
         import openvino as ov
 
         self.compiled = ov.Core().compile_model(
             model, "CPU", openvino_compile_config(precision, threads)
         )
         self.request = self.compiled.create_infer_request()
-        self.request_images = max(1, int(request_images))
+        self.request_images = OPENVINO_REQUEST_IMAGES  # PerShapeRunner sets the choice
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         x = np.ascontiguousarray(batch.detach().float().cpu().numpy())

@@ -200,9 +200,15 @@ def test_an_export_check_is_kept_beside_the_export_and_decides_in_later_processe
     assert not ex.runner.fallback_reasons and json.loads(kept.read_text())["passed"]
 
 
-def test_openvino_chosen_measures_its_request_size_and_later_processes_keep_it(backbones, cache):
+def test_openvino_chosen_measures_its_request_size_and_later_processes_keep_it(
+    backbones, cache, monkeypatch
+):
     """The calibration that picks OpenVINO also measures one image per request against the
-    whole batch; the choice follows the margin rule, is cached, and later processes apply it."""
+    whole batch, beside the preprocessing; the choice follows the margin rule, is cached, and
+    later processes apply it."""
+    import threading
+
+    import tasks.runtimes as runtimes_module
     from anomalydino_core.runtimes import REQUEST_MARGIN, candidates, has_vit_cpu_blocks
     from tasks.runtimes import (
         calibrate,
@@ -215,7 +221,16 @@ def test_openvino_chosen_measures_its_request_size_and_later_processes_keep_it(b
     backbone = backbones["dinov2_vits14"]
     model = _settings("dinov2_vits14", runtime="torch", precision="bf16")
     ex = build_extractor(model, backbone)
+    beside_threads: list[str] = []
+    real_work = runtimes_module.preprocessing_work
+
+    def counted(extractor):
+        work = real_work(extractor)
+        return lambda: (beside_threads.append(threading.current_thread().name), work())
+
+    monkeypatch.setattr(runtimes_module, "preprocessing_work", counted)
     calibration, runners = calibrate(ex, ["openvino"], 2, cache, rounds=2)
+    assert beside_threads and set(beside_threads) == {"calibration-beside"}  # it ran beside
     figures = {f.runtime: f.median_ms for f in calibration.request_figures}
     assert calibration.choice == "openvino" and set(figures) == {"1", "2"}
     wanted = 2 if figures["2"] <= REQUEST_MARGIN * figures["1"] else 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -88,13 +89,22 @@ def test_direct_zarr_reads_equal_zarrs_own(tmp_path: Path) -> None:
 
 
 def test_local_steps_are_written_in_place_in_order_and_never_into_a_read_only_store(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch
 ) -> None:
     data = np.arange(12, dtype=np.float32).reshape(3, 4)
     chunk, meta = zarr_nodes.array_files("a/x", data, attributes={"k": 1})
     store = LocalStore(tmp_path)
     assert not zarr_nodes.exists(store, "a/x/zarr.json")
+    placed: list[str] = []
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        placed.append(Path(dst).relative_to(tmp_path).as_posix())
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
     zarr_nodes.write_steps(store, [chunk, meta])
+    assert placed == [*chunk, *meta]  # every object renamed into place, the chunk first
     assert zarr_nodes.exists(store, "a/x/zarr.json")
     np.testing.assert_array_equal(zarr.open_array(store, path="a/x", mode="r")[:], data)
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temp file left
