@@ -6,7 +6,9 @@ are handed back to the kernel on free and faulted in (and zeroed) again on the n
 which cost a quarter of the DINOv2 ViT-S/14 bf16 forward pass on CPU here (148 -> 111 ms per
 image at 448, batch 8). ``keep_freed_memory`` raises the trim and mmap thresholds once per
 process so that freed blocks are reused, and caps the number of malloc arenas. The price: the
-process keeps its peak heap until it exits, which suits batch workers. The runtime decides
+process keeps its peak heap until it exits, which suits batch workers. An exported runtime
+(OpenVINO, ONNX Runtime) allocates its buffers once, so where one computes the model
+``give_freed_memory_back`` restores glibc's thresholds and trims the heap. The runtime decides
 (``tasks.models.tune_allocator``: on CPU, unless ``ANOMALYDINO_MALLOC_TUNING=0``) and passes its
 decision here.
 """
@@ -28,17 +30,31 @@ _M_ARENA_MAX = -8
 #: (``MALLOC_ARENA_MAX=2`` or ``cap_arenas`` first thing), the same seconds per image. A cap set
 #: later (when the extractor is built, threads already running) kept 1.90 of 2.02 in another run.
 MALLOC_ARENAS = 2
+#: Where glibc's own thresholds settle on 64-bit: its mmap threshold rises with the blocks freed
+#: up to 32 MiB, the trim threshold follows at twice that; the top pad is 128 KiB (mallopt(3)).
+#: Lower thresholds held less but cost time: the pipeline allocates ~40 MB per image in 1-8 MB
+#: blocks (decoding, the input tensor, the mask, the map), faulted in again when each is mapped.
+#: Peak RSS / ms per image of the peer bench's 1-shot bank build + 83-image audit with
+#: OpenVINO (Intel Xeon, AMX; interleaved): mmap 128 KiB 1.56 GiB / 126; mmap 8 MiB, trim 16 or
+#: 64 MiB 1.71-1.78 / 118; 32 / 64 MiB 1.79-1.90 / 113.6; thresholds kept 1.92 / 112.7.
+GLIBC_MMAP_THRESHOLD_MAX = 32 << 20
+GLIBC_TOP_PAD = 128 << 10
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
 
 
 @functools.cache
 def _mallopt():
     """glibc's ``mallopt``, or None (musl, macOS: nothing to tune)."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return None
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return mallopt
@@ -51,10 +67,9 @@ def cap_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     return bool(mallopt and mallopt(_M_ARENA_MAX, int(arenas)))
 
 
-@functools.cache
 def keep_freed_memory(enabled: bool) -> bool:
-    """Tune glibc malloc once when ``enabled`` (no-op elsewhere); True when the settings were
-    applied. ``enabled=False`` leaves the allocator alone."""
+    """Tune glibc malloc when ``enabled`` (no-op elsewhere; calling it again changes nothing);
+    True when the settings were applied. ``enabled=False`` leaves the allocator alone."""
     mallopt = _mallopt()
     if not enabled or mallopt is None:
         return False
@@ -62,3 +77,18 @@ def keep_freed_memory(enabled: bool) -> bool:
     ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # never give the heap top back
     ok &= mallopt(_M_TOP_PAD, 64 << 20)  # grow the heap in 64 MiB steps
     return bool(ok) and cap_arenas()
+
+
+def give_freed_memory_back() -> bool:
+    """Undo ``keep_freed_memory``'s thresholds (to where glibc's own settle:
+    ``GLIBC_MMAP_THRESHOLD_MAX``) and return the freed heap to the kernel (``malloc_trim``); the
+    arena cap stays. True when glibc took the settings."""
+    mallopt, libc = _mallopt(), _libc()
+    if mallopt is None or libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
+    ok &= mallopt(_M_TRIM_THRESHOLD, 2 * GLIBC_MMAP_THRESHOLD_MAX)
+    ok &= mallopt(_M_TOP_PAD, GLIBC_TOP_PAD)
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim(0)
+    return bool(ok)

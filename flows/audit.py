@@ -12,7 +12,7 @@ from prefect import flow
 
 from anomalydino_core.overlays import overlay_scale
 from flows import leftovers
-from flows.banks import model_context, prepare_bank, prepare_projector, reference_versions
+from flows.banks import prepare_bank, prepare_projector, reference_versions, resolve_model
 from flows.config import PipelineConfig
 from flows.progress import Progress, gather
 from flows.run import (
@@ -54,10 +54,10 @@ def audit_lot(
     cfg = resolve_config(config)
     lot_uri = cfg.layout().lot(product, lot)  # names are checked there, once (tasks/layout.py)
     log = run_logger()
-    mc = model_context(cfg, product)
-    manifest = prepare_bank(cfg, product, mc, version)
-    projector = prepare_projector(cfg, product, mc, manifest)
-    ctx = few_shot_context(cfg, product, lot, mc, manifest, projector, started=started)
+    resolved = resolve_model(cfg, product)
+    manifest = prepare_bank(cfg, product, resolved, version)
+    projector = prepare_projector(cfg, product, resolved, manifest)
+    ctx = few_shot_context(cfg, product, lot, resolved, manifest, projector, started=started)
     items = lot_items(cfg, product, lot)
     if not items:
         if not exists(lot_uri, cfg.storage_config()):

@@ -50,7 +50,7 @@ from tasks.storage import list_dirs
 
 
 @dataclass(frozen=True)
-class ModelContext:
+class ResolvedModel:
     """The resolved model of a run: its feature settings, their key, the store, the threads."""
 
     settings: dict[str, Any]
@@ -63,12 +63,12 @@ class ModelContext:
     token_store_uri: str
 
 
-def model_context(cfg: PipelineConfig, product: str) -> ModelContext:
+def resolve_model(cfg: PipelineConfig, product: str) -> ResolvedModel:
     """Load the model once in the flow process (tasks here reuse it) and resolve its identity."""
     model = embedder(cfg.model, cfg.storage_config())
     token_settings = dict(model.settings, foundad_layer=foundad_layer(model.extractor))
     token_key = feature_key(token_settings)
-    return ModelContext(
+    return ResolvedModel(
         settings=model.settings,
         key=model.key,
         store_uri=cfg.layout().embeddings(product, model.key),
@@ -82,7 +82,7 @@ def model_context(cfg: PipelineConfig, product: str) -> ModelContext:
 
 def run_context(
     cfg: PipelineConfig,
-    mc: ModelContext,
+    resolved: ResolvedModel,
     product: str,
     lot: str,
     *,
@@ -104,13 +104,13 @@ def run_context(
         flow_run_id=flow_run_id,
         method=method,
         run_started_at=started,
-        store_uri=mc.store_uri,
-        store_settings=mc.settings,
+        store_uri=resolved.store_uri,
+        store_settings=resolved.settings,
         maps_uri=layout.map_archive(product, lot, run_id),
         overlays_uri=layout.overlays(product, lot, run_id),
         model=cfg.model,
         storage=cfg.storage,
-        threads=mc.threads,
+        threads=resolved.threads,
         io_threads=cfg.runtime.io_threads,
         threshold=threshold,
         threshold_source=threshold_source,
@@ -160,7 +160,7 @@ def threshold_rule(cfg: PipelineConfig) -> dict[str, Any]:
 def prepare_bank(
     cfg: PipelineConfig,
     product: str,
-    mc: ModelContext,
+    resolved: ResolvedModel,
     version: str | None = None,
     *,
     force: bool = False,
@@ -174,7 +174,7 @@ def prepare_bank(
     scoring = cfg.scoring_for(product)
     psettings = cfg.product(product)
     rule = threshold_rule(cfg)
-    key = bank_key(mc.key, scoring, psettings.shots, rule)
+    key = bank_key(resolved.key, scoring, psettings.shots, rule)
     uri = layout.bank(product, version, key)
     if not force:
         existing = read_manifest(uri, storage)
@@ -211,16 +211,20 @@ def prepare_bank(
         for i, u in enumerate(uris)
     ]
     log.info(
-        "building bank %s: %d references x %d views (%s)", uri, len(items), len(angles), mc.key
+        "building bank %s: %d references x %d views (%s)",
+        uri,
+        len(items),
+        len(angles),
+        resolved.key,
     )
     chunks = chunked(items, max(1, cfg.runtime.chunk_size // len(angles)))
     futures = [
         embed_images.submit(
             chunk,
-            mc.store_uri,
-            mc.settings,
+            resolved.store_uri,
+            resolved.settings,
             cfg.model,
-            mc.threads,
+            resolved.threads,
             cfg.runtime.io_threads,
             cfg.storage,
         )
@@ -249,16 +253,16 @@ def prepare_bank(
         product=product,
         version=version,
         key=key,
-        feature_key=mc.key,
-        store_uri=mc.store_uri,
-        store_settings=mc.settings,
+        feature_key=resolved.key,
+        store_uri=resolved.store_uri,
+        store_settings=resolved.settings,
         references=references,
         scoring=scoring,
         shots=psettings.shots,
-        mask_threshold=mc.mask_threshold,
+        mask_threshold=resolved.mask_threshold,
         configured_threshold=psettings.threshold,
         threshold_rule=rule,
-        threads=mc.threads,
+        threads=resolved.threads,
         io_threads=cfg.runtime.io_threads,
         storage_settings=cfg.storage,
     )
@@ -279,7 +283,7 @@ def foundad_config(cfg: PipelineConfig, product: str):
 def prepare_projector(
     cfg: PipelineConfig,
     product: str,
-    mc: ModelContext,
+    resolved: ResolvedModel,
     bank: BankManifest,
     *,
     force: bool = False,
@@ -291,8 +295,8 @@ def prepare_projector(
     log = run_logger()
     storage = cfg.storage_config()
     config = foundad_config(cfg, product)
-    identity = foundad_identity(embedder(cfg.model, storage), mc.token_key, config)
-    uri = projector_uri(bank.uri, projector_key(mc.token_key, config))
+    identity = foundad_identity(embedder(cfg.model, storage), resolved.token_key, config)
+    uri = projector_uri(bank.uri, projector_key(resolved.token_key, config))
     if not force:
         existing = read_projector_manifest(uri, storage)
         if existing is not None:
@@ -304,11 +308,11 @@ def prepare_projector(
     manifest = train_projector(
         bank=bank,
         model_settings=cfg.model,
-        store_uri=mc.store_uri,
-        token_key=mc.token_key,
+        store_uri=resolved.store_uri,
+        token_key=resolved.token_key,
         config=config,
         threshold_rule=threshold_rule(cfg),
-        threads=mc.threads,
+        threads=resolved.threads,
         io_threads=cfg.runtime.io_threads,
         max_pixels=cfg.model.decode_max_pixels,
         storage_settings=cfg.storage,

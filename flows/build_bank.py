@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.banks import model_context, prepare_bank, prepare_projector
+from flows.banks import prepare_bank, prepare_projector, resolve_model
 from flows.config import PipelineConfig
 from flows.runtime import resolve_config
 from tasks.bank import BankManifest
@@ -21,7 +21,7 @@ def build_bank(
     """Build (or find) the bank of a product's reference version (default: the latest), and
     train (or find) its projector when the product's scorer is foundad or both."""
     cfg = resolve_config(config)
-    mc = model_context(cfg, product)
-    manifest = prepare_bank(cfg, product, mc, version, force=force)
-    prepare_projector(cfg, product, mc, manifest, force=force)
+    resolved = resolve_model(cfg, product)
+    manifest = prepare_bank(cfg, product, resolved, version, force=force)
+    prepare_projector(cfg, product, resolved, manifest, force=force)
     return manifest

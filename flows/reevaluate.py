@@ -22,7 +22,7 @@ from prefect import flow
 from anomalydino_core.overlays import overlay_scale
 from flows import leftovers
 from flows.artifacts import publish_run_artifacts
-from flows.banks import model_context, prepare_bank, prepare_projector, reference_versions
+from flows.banks import prepare_bank, prepare_projector, reference_versions, resolve_model
 from flows.config import PipelineConfig
 from flows.progress import Progress, gather
 from flows.run import (
@@ -154,9 +154,9 @@ def reevaluate(
     log = run_logger()
     storage = cfg.storage_config()
     layout = cfg.layout()
-    mc = model_context(cfg, product)
-    manifest = prepare_bank(cfg, product, mc, version)
-    projector = prepare_projector(cfg, product, mc, manifest)
+    resolved = resolve_model(cfg, product)
+    manifest = prepare_bank(cfg, product, resolved, version)
+    projector = prepare_projector(cfg, product, resolved, manifest)
     lots = stale_lots(cfg, product, manifest.version)
     if not lots:
         log.info("%s: every lot is already scored with version %s", product, manifest.version)
@@ -168,7 +168,7 @@ def reevaluate(
     for lot, old_uri, old_meta in lots:
         lot_t0 = time.perf_counter()
         old = read_report(old_uri, storage).sort_values("image_id")
-        ctx = few_shot_context(cfg, product, lot, mc, manifest, projector, started=started)
+        ctx = few_shot_context(cfg, product, lot, resolved, manifest, projector, started=started)
         run_id = ctx.run_id
         scale = overlay_scale(ctx.threshold, 0.0)
         open_map_archive(ctx, cfg, scale)

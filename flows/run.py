@@ -11,7 +11,7 @@ from anomalydino_core.overlays import overlay_scale
 from anomalydino_core.thresholds import effective_threshold
 from flows import leftovers
 from flows.artifacts import publish_run_artifacts
-from flows.banks import ModelContext, list_images, run_context
+from flows.banks import ResolvedModel, list_images, run_context
 from flows.config import PipelineConfig
 from flows.runtime import runner_name
 from tasks.bank import BankManifest
@@ -275,7 +275,7 @@ def few_shot_context(
     cfg: PipelineConfig,
     product: str,
     lot: str,
-    mc: ModelContext,
+    resolved: ResolvedModel,
     manifest: BankManifest,
     projector: ProjectorManifest | None = None,
     *,
@@ -298,14 +298,14 @@ def few_shot_context(
             projector_uri=projector.uri,
             foundad_threshold=f_threshold,
             foundad_threshold_source=f_source,
-            token_store_uri=mc.token_store_uri,
-            token_settings=mc.token_settings,
+            token_store_uri=resolved.token_store_uri,
+            token_settings=resolved.token_settings,
         )
         if scorer == "foundad":  # FoundAD decides; it never masks
             threshold, source, use_mask = f_threshold, f_source, False
     ctx = run_context(
         cfg,
-        mc,
+        resolved,
         product,
         lot,
         method=FEW_SHOT,

@@ -21,7 +21,7 @@ from anomalydino_core.overlays import overlay_scale
 from anomalydino_core.thresholds import screening_threshold
 from anomalydino_core.zero_shot import MutualScoringConfig, split_query_indices
 from flows import leftovers
-from flows.banks import model_context, run_context
+from flows.banks import resolve_model, run_context
 from flows.config import PipelineConfig
 from flows.progress import Progress, gather
 from flows.run import LotRunSummary, finish_run, lot_items, open_map_archive
@@ -52,7 +52,7 @@ def screen_shipment(
     log = run_logger()
     storage = cfg.storage_config()
     scoring = cfg.scoring_for(product)
-    mc = model_context(cfg, product)
+    resolved = resolve_model(cfg, product)
     items = lot_items(cfg, product, shipment)
     if not items and not exists(lot_uri, storage):
         raise FileNotFoundError(f"{product}/{shipment}: no shipment at {lot_uri}")
@@ -60,7 +60,7 @@ def screen_shipment(
     chunks = chunked(items, cfg.runtime.chunk_size)
     futures = [
         embed_images.submit(
-            chunk, mc.store_uri, mc.settings, cfg.model, mc.threads, cfg.runtime.io_threads,
+            chunk, resolved.store_uri, resolved.settings, cfg.model, resolved.threads, cfg.runtime.io_threads,
             cfg.storage,
         )
         for chunk in chunks
@@ -73,7 +73,9 @@ def screen_shipment(
     ok: list[StoredImage] = []
     failed: list[tuple] = []
     reused: dict[str, bool] = {}
-    store = EmbeddingStore.open(mc.store_uri, mc.settings, storage, create=False, read_only=True)
+    store = EmbeddingStore.open(
+        resolved.store_uri, resolved.settings, storage, create=False, read_only=True
+    )
     for s in summaries:
         for image_id, sha, nbytes, error, was_reused in zip(
             s.image_ids, s.content_sha256, s.file_sizes, s.errors, s.reused, strict=True
@@ -91,11 +93,11 @@ def screen_shipment(
     views = [
         (t.item.image_id, store.get(t.item.store_id).features.astype(np.float32)) for t in tested
     ]
-    decision = decide_masking(scoring.masking, views, threshold=mc.mask_threshold)
+    decision = decide_masking(scoring.masking, views, threshold=resolved.mask_threshold)
     use_mask, masking_reason = decision.use_mask, decision.reason
     ctx = run_context(
         cfg,
-        mc,
+        resolved,
         product,
         shipment,
         method=ZERO_SHOT,

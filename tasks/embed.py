@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from anomalydino_core.augment import rotate_image
+from anomalydino_core.float16 import float16_checked, to_float32
 from anomalydino_core.foundad.features import embed_with_foundad
-from anomalydino_core.half import float16_checked, to_float32
 from anomalydino_core.images import DECODE_MAX_PIXELS, ImageDecodeError, decode_image
 from anomalydino_core.masking import foreground_mask
 from tasks.embedding_store import EmbeddedImage, EmbeddingStore
-from tasks.models import Embedder, compute_lock, pin_threads
+from tasks.models import Embedder, compute_lock, pin_threads, tune_allocator
 from tasks.retry import run_logger, with_storage_retries
 from tasks.storage import PERMANENT_ERRORS, StorageConfig, read_bytes
 
@@ -220,6 +220,8 @@ def _compute(
     """
     if not compute:
         return
+    if stores[1] is not None:  # FoundAD's tokens: torch runs the backbone whatever the runtime
+        tune_allocator(model.extractor.device)
     waited = {"decode": 0.0, "lock": 0.0, "model": 0.0}
 
     def views() -> Iterator[tuple[EmbeddedSource, int, np.ndarray]]:
@@ -300,24 +302,24 @@ def _finish_view(
     store, token_store = stores
     sid = res.item.store_ids(res.content_sha256)[view]
     if token_store is not None:
-        half_tokens, finite = float16_checked(token_grid)
+        tokens16, finite = float16_checked(token_grid)
         if not finite:
             res.error = f"{res.item.image_id}: FoundAD tokens not finite in float16"
             return
-        token_store.put(_entry(res, sid, half_tokens, None))
-        res.tokens[view] = to_float32(half_tokens)
+        token_store.put(_entry(res, sid, tokens16, None))
+        res.tokens[view] = to_float32(tokens16)
     if res.knn_stored:  # only the tokens were missing: the stored features stay as they are
         entry = store.get(sid)
         res.features[view], res.masks[view] = to_float32(entry.features), entry.mask
         return
-    half, finite = float16_checked(grid)
+    grid16, finite = float16_checked(grid)
     if not finite:
         res.error = f"{res.item.image_id}: features not finite in float16 (NaN/inf or overflow)"
         return
-    widened = to_float32(half)
+    widened = to_float32(grid16)
     # single-threaded BLAS (anomalydino_core.cpu.set_threads): no compute_lock() needed
     mask = foreground_mask(widened, threshold=model.mask_threshold)
-    store.put(_entry(res, sid, half, mask))
+    store.put(_entry(res, sid, grid16, mask))
     res.features[view] = widened
     res.masks[view] = mask
 

@@ -33,7 +33,7 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.errors import ContainsGroupError, GroupNotFoundError, NodeNotFoundError
 
-from anomalydino_core.half import float16_checked
+from anomalydino_core.float16 import float16_checked
 from tasks import zarr_nodes
 from tasks.storage import StorageConfig, is_local, zarr_store
 

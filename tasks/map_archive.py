@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from anomalydino_core.half import float16_checked, to_float16
+from anomalydino_core.float16 import float16_checked, to_float16
 from anomalydino_core.overlays import render_overlay
 from tasks import zarr_nodes
 from tasks.embedding_store import (

@@ -12,9 +12,9 @@ import numpy as np
 from prefect import task
 
 from anomalydino_core.few_shot import ScoreResult
+from anomalydino_core.float16 import to_float32
 from anomalydino_core.foundad.config import FoundADConfig
 from anomalydino_core.foundad.scoring import grid_errors, score_result
-from anomalydino_core.half import to_float32
 from tasks.bank import BankManifest, load_scorer
 from tasks.embed import EmbeddedSource, SourceImage, embed_sources
 from tasks.embedding_store import EmbeddedImage

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from prefect import task
 
-from anomalydino_core.half import to_float32
+from anomalydino_core.float16 import to_float32
 from anomalydino_core.zero_shot import LazyFeatureSource, MutualScoringConfig, score_mutual
 from tasks.embed import SourceImage
 from tasks.map_archive import MapArchive

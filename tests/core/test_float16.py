@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anomalydino_core.half import float16_checked, to_float16, to_float32
+from anomalydino_core.float16 import float16_checked, to_float16, to_float32
 
 EDGES = np.array(
     [0.0, -0.0, 1e-8, 2.98e-8, 2.99e-8, 5.96e-8, 6.1e-5, 1.0 + 2**-11, 1.0 + 3 * 2**-11,
