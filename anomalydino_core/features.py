@@ -50,21 +50,23 @@ def to_input_tensor(image: np.ndarray, config: PreprocessConfig) -> torch.Tensor
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
     height, width = config.input_size(image.shape[:2])
-    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None]
+    if not image.flags.writeable:  # torch.from_numpy needs a writeable buffer (only read here)
+        image = np.array(image, copy=True)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None]
     resize = (height, width) != image.shape[:2]
     if resize and config.resize_dtype == "uint8":
         x = F.interpolate(
             x, size=(height, width), mode=config.interpolation, antialias=config.antialias
         )
         resize = False
-    x = x.float() / 255.0
+    x = x.float().div_(255.0)  # a new tensor: the caller's image is never written
     if resize:
         x = F.interpolate(
             x, size=(height, width), mode=config.interpolation, antialias=config.antialias
         ).clamp_(0.0, 1.0)
     mean = torch.tensor(config.mean).view(1, 3, 1, 1)
     std = torch.tensor(config.std).view(1, 3, 1, 1)
-    return ((x - mean) / std)[0]
+    return x.sub_(mean).div_(std)[0]
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,24 @@ def test_input_tensor_is_normalised_whole_image():
     assert right > 1.0  # white after ImageNet normalisation
 
 
+@pytest.mark.parametrize("shape", [(448, 448, 3), (300, 400, 3)])
+def test_input_tensor_reads_the_image_without_writing_it(shape):
+    """In-place normalisation works on tensors of its own: a read-only image is accepted and
+    left as it was; at the input size the values are (x / 255 - mean) / std, as float32."""
+    cfg = get_backbone_spec("dinov2_vits14").preprocess(448)
+    img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    frozen = img.copy()
+    frozen.flags.writeable = False
+    x = to_input_tensor(frozen, cfg)
+    assert np.array_equal(frozen, img)
+    assert torch.equal(x, to_input_tensor(img, cfg)) and np.array_equal(frozen, img)
+    if shape[:2] == (448, 448):
+        mean = torch.tensor(cfg.mean).view(3, 1, 1)
+        std = torch.tensor(cfg.std).view(3, 1, 1)
+        dense = (torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255.0 - mean) / std
+        assert torch.equal(x, dense)
+
+
 @pytest.mark.parametrize("name", ["dinov2_vits14", "efficientnet_lite0"])
 def test_resize_matches_pil_like_the_official_preprocessing(mvtec_root, name):
     """The 8-bit resize is PIL's bicubic (what torchvision does to PIL images) within one grey
