@@ -61,7 +61,7 @@ def screen_shipment(
     futures = [
         embed_images.submit(
             chunk, resolved.store_uri, resolved.settings, cfg.model, resolved.threads, cfg.runtime.io_threads,
-            cfg.storage,
+            cfg.storage, masks=False,  # masking is decided after: scoring computes what it needs
         )
         for chunk in chunks
     ]  # fmt: skip

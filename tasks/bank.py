@@ -301,7 +301,7 @@ def fit_and_write_bank(
         for a in at:
             entry = store.get(f"references/{ref.content_sha256}/rot{a:03d}")
             feats.append(entry.features.astype(np.float32))
-            masks.append(entry.mask)
+            masks.append(store.foreground(entry))
         return feats, masks
 
     tested = references[:TESTED_REFERENCES]

@@ -132,6 +132,7 @@ def embed_sources(
     load_features: bool = True,
     max_pixels: int | None = DECODE_MAX_PIXELS,
     token_store: EmbeddingStore | None = None,
+    masks: bool = True,
 ) -> list[EmbeddedSource]:
     """Make sure every item is in ``store``; returns one result per item, in input order.
 
@@ -145,6 +146,9 @@ def embed_sources(
     ``token_store``: also make sure of FoundAD's tokens (same backbone pass, ``tokens`` on the
     results); an image whose kNN features are stored but not its tokens is embedded again for
     the tokens only: its stored features are kept and used, so its kNN scores never change.
+    ``masks=False``: the product's masking is off, so new embeddings are stored without their
+    foreground mask (the PCA is 2-8 ms of CPU per image; ``EmbeddingStore.foreground`` computes
+    it from the stored features if a later run needs it) and results carry a stored mask or None.
     """
     pin_threads(threads)
     results = [EmbeddedSource(item) for item in items]
@@ -186,7 +190,7 @@ def embed_sources(
         for sid in ids:
             entry = store.get(sid)
             res.features.append(to_float32(entry.features))
-            res.masks.append(entry.mask)
+            res.masks.append(store.foreground(entry) if masks else entry.mask)
             res.image_size = entry.image_size
             if token_store is not None:
                 res.tokens.append(to_float32(token_store.get(sid).features))
@@ -195,7 +199,7 @@ def embed_sources(
     if compute and not isinstance(model, Embedder):
         model = model()
     stores = (store, token_store)
-    _compute(compute, decoded, stores, model, pool, keep_images, load_features)
+    _compute(compute, decoded, stores, model, pool, keep_images, load_features, masks)
     for fut in loading:
         fut.result()
     return results
@@ -209,6 +213,7 @@ def _compute(
     pool: ThreadPoolExecutor,
     keep_images: bool,
     load_features: bool,
+    masks: bool,
 ) -> None:
     """Decode (pool) -> embed in batches (``compute_lock()``) -> float16 + mask + put (pool).
 
@@ -256,7 +261,7 @@ def _compute(
         waited["lock"] += t_locked - t
         waited["model"] += time.perf_counter() - t_locked
         return [
-            pool.submit(_finish_view, res, view, grid, token_grid, stores, model)
+            pool.submit(_finish_view, res, view, grid, token_grid, stores, model, masks)
             for (res, view, _), grid, token_grid in zip(part, grids, tokens, strict=True)
         ]
 
@@ -297,8 +302,10 @@ def _finish_view(
     token_grid: np.ndarray | None,
     stores: tuple[EmbeddingStore, EmbeddingStore | None],
     model: Embedder,
+    masks: bool,
 ) -> None:
-    """Round to float16, compute the foreground mask, store the view (and its tokens)."""
+    """Round to float16, compute the foreground mask (``masks``), store the view (and its
+    tokens)."""
     store, token_store = stores
     sid = res.item.store_ids(res.content_sha256)[view]
     if token_store is not None:
@@ -310,7 +317,8 @@ def _finish_view(
         res.tokens[view] = to_float32(tokens16)
     if res.knn_stored:  # only the tokens were missing: the stored features stay as they are
         entry = store.get(sid)
-        res.features[view], res.masks[view] = to_float32(entry.features), entry.mask
+        res.features[view] = to_float32(entry.features)
+        res.masks[view] = store.foreground(entry) if masks else entry.mask
         return
     grid16, finite = float16_checked(grid)
     if not finite:
@@ -318,7 +326,7 @@ def _finish_view(
         return
     widened = to_float32(grid16)
     # single-threaded BLAS (anomalydino_core.cpu.set_threads): no compute_lock() needed
-    mask = foreground_mask(widened, threshold=model.mask_threshold)
+    mask = foreground_mask(widened, threshold=model.mask_threshold) if masks else None
     store.put(_entry(res, sid, grid16, mask))
     res.features[view] = widened
     res.masks[view] = mask

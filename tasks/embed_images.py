@@ -50,8 +50,10 @@ def embed_images(
     threads: int,
     io_threads: int,
     storage_settings,
+    masks: bool = True,
 ) -> EmbedSummary:
-    """Ensure ``items`` are embedded in the store at ``store_uri``; no features come back."""
+    """Ensure ``items`` are embedded in the store at ``store_uri``; no features come back.
+    ``masks=False``: new entries are stored without their foreground mask (``embed_sources``)."""
     t0 = time.perf_counter()
     storage = storage_settings.storage_config()
     model = embedder(model_settings, storage)
@@ -66,6 +68,7 @@ def embed_images(
             storage=storage,
             load_features=False,
             max_pixels=model_settings.decode_max_pixels,
+            masks=masks,
         )
     summary = EmbedSummary(
         image_ids=tuple(r.item.image_id for r in results),

@@ -7,7 +7,8 @@ Layout at the store URI::
     images/<sha256(image_id)>/zarr.json    image_id, source_uri, content_sha256, image_size,
                                            grid, feature_dim, has_mask, complete
     images/<key>/features     (gh, gw, C) float16, one chunk, blosc-zstd level 1, byte shuffle
-    images/<key>/mask         (gh, gw) bool, one chunk (absent when the image has no mask)
+    images/<key>/mask         (gh, gw) bool, one chunk (absent when the image has no mask:
+                              embedded while masking was off; ``foreground`` computes it)
 
 ``settings`` (backbone, weights hash, resolution, ...) is fixed when the store is created;
 opening it with other settings raises :class:`StoreSettingsError`, so embeddings of different
@@ -33,7 +34,8 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.errors import ContainsGroupError, GroupNotFoundError, NodeNotFoundError
 
-from anomalydino_core.float16 import float16_checked
+from anomalydino_core.float16 import float16_checked, to_float32
+from anomalydino_core.masking import foreground_mask
 from tasks import zarr_nodes
 from tasks.storage import StorageConfig, is_local, zarr_store
 
@@ -366,6 +368,16 @@ class EmbeddingStore(ZarrRoot):
             features=features,
             mask=mask,
         )
+
+    def foreground(self, entry: EmbeddedImage) -> np.ndarray:
+        """``entry``'s foreground mask: the stored one, else the same rule applied to its stored
+        features (a stored mask is computed from exactly those float16 features, at this
+        store's ``mask_threshold``): images embedded while their product's masking was off
+        are stored without one."""
+        if entry.mask is not None:
+            return entry.mask
+        threshold = float(self.settings["mask_threshold"])
+        return foreground_mask(to_float32(entry.features), threshold=threshold)
 
     def ids(self) -> list[str]:
         """Sorted ids of all complete images."""

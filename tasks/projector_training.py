@@ -100,7 +100,9 @@ def train_projector(
     foregrounds = None
     if bank.use_mask:  # objects: CutPaste lands on the object (the bank's stored masks)
         store = EmbeddingStore.open(store_uri, bank.feature_settings, storage, create=False)
-        foregrounds = [store.get(f"references/{ref.content_sha256}/rot000").mask for ref in refs]
+        foregrounds = [
+            store.foreground(store.get(f"references/{ref.content_sha256}/rot000")) for ref in refs
+        ]
 
     def progress(epoch: int, train: float, val: float, eta: float) -> None:
         log.info(

@@ -141,6 +141,7 @@ def score_images(
             keep_images=True,
             max_pixels=ctx.model.decode_max_pixels,
             token_store=open_token_store(ctx, storage),
+            masks=ctx.use_mask,
         )
         t_embedded = time.perf_counter()
         ok = [res for res in results if res.ok]
@@ -210,8 +211,7 @@ def rescore_stored(
         )
         return (store.get(item.store_id), tokens), None
 
-    def finish(item: SourceImage, entry: EmbeddedImage, patch, errors) -> ReportRow:
-        fg = entry.mask if ctx.use_mask else None
+    def finish(item: SourceImage, entry: EmbeddedImage, fg, patch, errors) -> ReportRow:
         result, foundad = scorers.results(patch, errors, entry.image_size, fg)
         return record_scored(
             ctx,
@@ -230,14 +230,16 @@ def rescore_stored(
     with ThreadPoolExecutor(ctx.io_threads, thread_name_prefix="rescore-io") as pool:
         loaded = list(pool.map(load, items, expected_sha256))
         found = [(item, got) for item, (got, _) in zip(items, loaded, strict=True) if got]
+        entries = [entry for _, (entry, _) in found]
+        fgs = list(pool.map(store.foreground, entries)) if ctx.use_mask else [None] * len(found)
         patches, errors = scorers.search(
-            [to_float32(entry.features) for _, (entry, _) in found],
-            [entry.mask if ctx.use_mask else None for _, (entry, _) in found],
+            [to_float32(entry.features) for entry in entries],
+            fgs,
             [tokens for _, (_, tokens) in found],
         )
         finished = {
-            id(got): pool.submit(finish, item, got[0], patch, error)
-            for (item, got), patch, error in zip(found, patches, errors, strict=True)
+            id(got): pool.submit(finish, item, got[0], fg, patch, error)
+            for (item, got), fg, patch, error in zip(found, fgs, patches, errors, strict=True)
         }
         rows = []
         for item, sha, (got, error) in zip(items, expected_sha256, loaded, strict=True):

@@ -65,7 +65,9 @@ def score_zero_shot_block(
     masks: list[np.ndarray | None] = [None] * len(images)
     if ctx.use_mask:
         with ThreadPoolExecutor(ctx.io_threads) as pool:
-            for i, m in zip(query, pool.map(lambda i: store.get(ids[i]).mask, query), strict=True):
+            for i, m in zip(
+                query, pool.map(lambda i: store.foreground(store.get(ids[i])), query), strict=True
+            ):
                 masks[i] = m
     source = LazyFeatureSource([im.grid for im in images], loader)
     with compute_lock():

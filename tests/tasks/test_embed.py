@@ -42,3 +42,32 @@ def test_rerun_reuses_without_loading_the_model(tmp_path: Path, mvtec_root: Path
         assert a.ok and b.ok
         np.testing.assert_array_equal(a.features[0], b.features[0])
         np.testing.assert_array_equal(a.masks[0], b.masks[0])
+
+
+def test_masks_off_stores_none_and_a_later_run_computes_the_same_ones(
+    tmp_path: Path, mvtec_root: Path
+) -> None:
+    """With the product's masking off no mask is computed or stored; a run that needs masks
+    later gets from ``EmbeddingStore.foreground`` exactly the masks an eager run stored."""
+    write_local(tmp_path / "lot", lot_files(mvtec_root, bad=True))
+    paths = sorted((tmp_path / "lot").rglob("*.png"))[:3]
+    items = [
+        SourceImage(image_id=p.name, uri=str(p), store_id=f"lots/l/{p.parent.name}/{p.name}")
+        for p in paths
+    ]
+    model = embedder(ModelSettings(backbone="efficientnet_lite0", resolution=224, threads=2))
+    eager = EmbeddingStore.open(str(tmp_path / "eager.zarr"), model.settings)
+    lazy = EmbeddingStore.open(str(tmp_path / "lazy.zarr"), model.settings)
+    with ThreadPoolExecutor(2) as pool:
+        stored = embed_sources(items, eager, model, threads=2, pool=pool)
+        unmasked = embed_sources(items, lazy, model, threads=2, pool=pool, masks=False)
+        later = embed_sources(items, lazy, model, threads=2, pool=pool, masks=True)
+    assert all(r.ok and r.masks == [None] for r in unmasked)
+    assert all(r.reused for r in later)
+    for item, a, b, c in zip(items, stored, unmasked, later, strict=True):
+        assert lazy.get(item.store_id).mask is None  # the store holds none
+        assert eager.get(item.store_id).mask is not None
+        np.testing.assert_array_equal(a.features[0], b.features[0])
+        np.testing.assert_array_equal(c.masks[0], a.masks[0])
+        np.testing.assert_array_equal(lazy.foreground(lazy.get(item.store_id)), a.masks[0])
+    assert any(0 < m.mean() < 1 for r in stored for m in r.masks)  # masks that say something
