@@ -33,8 +33,13 @@ def colour_levels(amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     """(H, W) uint8 colour-map levels of ``amap`` on the scale [vmin, vmax] (NaN -> vmin)."""
     if not vmax > vmin:
         raise ValueError(f"need vmax > vmin, got vmin={vmin}, vmax={vmax}")
-    scaled = (np.nan_to_num(amap.astype(np.float32), nan=vmin) - vmin) / (vmax - vmin)
-    return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+    scaled = np.array(amap, dtype=np.float32)  # one copy, then float32 steps in place
+    np.nan_to_num(scaled, copy=False, nan=vmin)
+    scaled -= vmin
+    scaled /= vmax - vmin
+    scaled *= 255.0
+    np.rint(scaled, out=scaled)
+    return np.clip(scaled, 0, 255, out=scaled).astype(np.uint8)
 
 
 def colour_bar(levels: int = 256) -> np.ndarray:

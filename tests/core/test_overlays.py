@@ -40,6 +40,19 @@ def test_colour_levels_clip_and_nan() -> None:
         colour_levels(amap, 1.0, 1.0)
 
 
+def test_colour_levels_equal_the_float32_formula_and_leave_the_map_alone() -> None:
+    rng = np.random.default_rng(1)
+    for dtype in (np.float32, np.float16, np.float64):
+        amap = (rng.standard_normal((90, 120)) * 0.2 + 0.3).astype(dtype)
+        amap[5, 5] = np.nan
+        before = amap.copy()
+        for vmin, vmax in [(0.0, 1.0), (0.13, 0.61), (-0.2, 0.05)]:
+            x = np.nan_to_num(amap.astype(np.float32), nan=vmin)
+            dense = np.clip(np.rint((x - vmin) / (vmax - vmin) * 255.0), 0, 255).astype(np.uint8)
+            np.testing.assert_array_equal(colour_levels(amap, vmin, vmax), dense)
+        np.testing.assert_array_equal(amap, before)
+
+
 def test_colour_bar_matches_the_overlay_colours() -> None:
     bar = colour_bar()
     assert bar.shape == (256, 3) and bar.dtype == np.uint8
