@@ -182,17 +182,13 @@ def _decode_plain_png(data: bytes) -> np.ndarray | None:
     if ihdr is None or ihdr[2] > 8 or ihdr[3] not in (0, 2, 3) or b"tRNS" in data[:65536]:
         return None
     buf = np.frombuffer(data, dtype=np.uint8)
-    try:
-        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    try:  # straight to RGB (grey and palette expanded): no BGR pass, 0.5 of 13 ms at 900x900
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
     except Exception:  # cv2.error (e.g. over CV_IO_MAX_IMAGE_PIXELS): PIL explains
         return None
-    if img is None or img.dtype != np.uint8:
+    if img is None or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         return None
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    if img.ndim == 3 and img.shape[2] == 3:
-        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    return None
+    return img
 
 
 _PIL_BOMB = re.compile(r"\((\d+) pixels\)")
