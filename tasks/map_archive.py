@@ -189,7 +189,7 @@ class MapArchive(ZarrRoot):
 def map_sha256(amap16: np.ndarray) -> str:
     """sha256 of a float16 map's C-order bytes: equal maps, equal hashes (stored with each map,
     so a re-run can tell an unchanged map without reading it)."""
-    return hashlib.sha256(np.ascontiguousarray(amap16, dtype=np.float16).tobytes()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(amap16, dtype=np.float16).data).hexdigest()
 
 
 #: JPEG quality of the overlays. The map itself is stored exactly (float16, above); the overlay
