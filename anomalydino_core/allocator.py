@@ -4,8 +4,8 @@ so that a command can cap the arenas before any library starts a thread).
 A ViT forward pass allocates and frees tens of MB per layer. With glibc's defaults those blocks
 are handed back to the kernel on free and faulted in (and zeroed) again on the next allocation,
 which cost a quarter of the DINOv2 ViT-S/14 bf16 forward pass on CPU here (148 -> 111 ms per
-image at 448, batch 8). ``keep_freed_memory`` raises the trim and mmap thresholds once per
-process so that freed blocks are reused, and caps the number of malloc arenas. The price: the
+image at 448, batch 8). ``keep_freed_memory`` raises the trim and mmap thresholds so that freed
+blocks are reused, and caps the number of malloc arenas. The price: the
 process keeps its peak heap until it exits, which suits batch workers. An exported runtime
 (OpenVINO, ONNX Runtime) allocates its buffers once, so where one computes the model
 ``give_freed_memory_back`` restores glibc's thresholds and trims the heap. The runtime decides
