@@ -326,3 +326,39 @@ def test_report_command_rebuilds_a_stored_page(audited, capsys, monkeypatch) -> 
     assert "error: no report of run '20000101T000000Z-deadbeef' under" in err
     assert main(["report", "../etc/passwd", "--root", cfg.root]) == 2
     assert "neither a report" in capsys.readouterr().err
+
+
+def test_a_lot_audited_unmasked_scores_masked_later_as_if_masked_from_the_start(
+    prefect_harness, tmp_path, mvtec_root
+) -> None:
+    """Masking off: the lot's embeddings are stored without masks. Turning masking on later
+    reuses them, the masks computed from the stored features: the same scores as a lot
+    audited with masking on from the start (masks stored when embedded)."""
+
+    def audit(root: Path, masking: str):
+        write_local(root / "references" / "bottle" / "v1", reference_files(mvtec_root))
+        if not (root / "incoming" / "bottle" / "lot-1").exists():
+            write_local(root / "incoming" / "bottle" / "lot-1", lot_files(mvtec_root))
+        overrides = fast_config(str(root))
+        overrides["products"]["bottle"]["masking"] = masking
+        summary = audit_lot("bottle", "lot-1", PipelineConfig.model_validate(overrides))
+        return summary, pd.read_parquet(summary.report_uri).set_index("image_id")
+
+    unmasked, off = audit(tmp_path / "later", "off")
+    store = EmbeddingStore.open(unmasked.embeddings_uri, None)
+    lot_ids = [i for i in store.ids() if i.startswith("lots/")]
+    assert len(lot_ids) == N_READABLE
+    assert all(store.get(i).mask is None for i in lot_ids)
+    assert not off["masking"].any()
+    masked_later, later = audit(tmp_path / "later", "on")
+    masked_early, early = audit(tmp_path / "early", "on")
+    first = EmbeddingStore.open(masked_early.embeddings_uri, None)
+    assert all(first.get(i).mask is not None for i in lot_ids)
+    assert later["masking"].all() and early["masking"].all()
+    assert masked_later.n_reused == N_READABLE  # nothing embedded again
+    ok = later["error"].isna()
+    pd.testing.assert_series_equal(later.loc[ok, "score"], early.loc[ok, "score"])
+    pd.testing.assert_series_equal(
+        later.loc[ok, "masked_fraction"], early.loc[ok, "masked_fraction"]
+    )
+    assert (later.loc[ok, "masked_fraction"] > 0).any()  # the masks did mask something
