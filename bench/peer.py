@@ -192,7 +192,7 @@ def run_anomalib(python: Path, train: Path, test: Path, work: Path, args) -> dic
 def ours_worker(args: argparse.Namespace) -> None:
     """Runs in the project's venv: bench/pipeline.py's setup (references linked as bank v1, the
     test images as one lot), the bank built (not timed), then the audit's first run (timed)."""
-    from worker_env import prepare_process
+    from worker_env import command_server, prepare_process
 
     prepare_process()
     import resource
@@ -220,8 +220,9 @@ def ours_worker(args: argparse.Namespace) -> None:
             "storage": {"link_roots": [str(data.resolve() / "bottle")]},
         },
     )
-    bank = build_bank("bottle", config=cfg)
-    summary = with_runner(audit_lot, cfg.runtime)("bottle", "lot-peer", cfg)
+    with command_server():
+        bank = build_bank("bottle", config=cfg)
+        summary = with_runner(audit_lot, cfg.runtime)("bottle", "lot-peer", cfg)
     print(
         json.dumps(
             {

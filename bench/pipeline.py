@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from worker_env import REPO, prepare_process
+from worker_env import REPO, command_server, prepare_process
 
 prepare_process()
 
@@ -120,23 +120,24 @@ def main() -> None:
         },
     )
     try:
-        t0 = time.perf_counter()
-        bank = build_bank("bottle", config=cfg)
-        print(
-            f"bank: {len(bank.references)} references x {len(bank.angles)} views, "
-            f"{bank.bank_patches} patches, built in {time.perf_counter() - t0:.1f}s "
-            f"(incl. model load)",
-            flush=True,
-        )
-        model_before, what = model_only_images_per_s(cfg.model, args.threads, args.repeats)
-        runs = []
-        for label in ("first run", "re-run"):
-            t0, cpu0 = time.perf_counter(), cpu_seconds()
-            s = with_runner(audit_lot, cfg.runtime)("bottle", "lot-bench", cfg)
-            call = time.perf_counter() - t0
-            runs.append((label, s, call, cpu_seconds() - cpu0))
-        model_after, _ = model_only_images_per_s(cfg.model, args.threads, args.repeats)
-        model_ips = (model_before + model_after) / 2
+        with command_server():
+            t0 = time.perf_counter()
+            bank = build_bank("bottle", config=cfg)
+            print(
+                f"bank: {len(bank.references)} references x {len(bank.angles)} views, "
+                f"{bank.bank_patches} patches, built in {time.perf_counter() - t0:.1f}s "
+                f"(incl. model load)",
+                flush=True,
+            )
+            model_before, what = model_only_images_per_s(cfg.model, args.threads, args.repeats)
+            runs = []
+            for label in ("first run", "re-run"):
+                t0, cpu0 = time.perf_counter(), cpu_seconds()
+                s = with_runner(audit_lot, cfg.runtime)("bottle", "lot-bench", cfg)
+                call = time.perf_counter() - t0
+                runs.append((label, s, call, cpu_seconds() - cpu0))
+            model_after, _ = model_only_images_per_s(cfg.model, args.threads, args.repeats)
+            model_ips = (model_before + model_after) / 2
     finally:
         if not args.root:
             shutil.rmtree(root, ignore_errors=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,3 +25,16 @@ def prepare_process() -> None:
         os.environ.setdefault(key, value)
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
+
+
+@contextmanager
+def command_server() -> Iterator[None]:
+    """The temporary Prefect server, started and stopped as the command does (``flows.
+    temp_server``; nothing with ``PREFECT_API_URL`` set): the measured process is the command's."""
+    from flows import temp_server
+
+    temp_server.start()
+    try:
+        yield
+    finally:
+        temp_server.stop()
