@@ -61,7 +61,12 @@ class ModelSettings(_Frozen):
         "onnx measured once per machine and model, cached; torch on CUDA), or one forced; "
         "exported runtimes are checked against fp32 torch first (docs/runtimes.md)",
     )
-    batch_size: int = Field(default=8, ge=1, description="images per forward pass")
+    batch_size: int = Field(
+        default=8,
+        ge=1,
+        description="images per forward pass (on CPU at most the backbone's CPU batch: DINOv2 2, "
+        "EfficientNet-Lite0 1)",
+    )
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
     decode_max_pixels: int = Field(
         default=DECODE_MAX_PIXELS,

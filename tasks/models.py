@@ -30,7 +30,7 @@ from anomalydino_core.config import ModelSettings
 from anomalydino_core.cpu import set_threads
 from anomalydino_core.features import PatchFeatureExtractor, select_device
 from anomalydino_core.runtimes import EXPORTED, runtime_precision
-from tasks.malloc import malloc_tuning_wanted
+from tasks.process_start import malloc_tuning_wanted
 from tasks.runtimes import attach_runtime
 from tasks.storage import StorageConfig, atomic_write_bytes, read_bytes
 from tasks.weights import load_backbone

@@ -1,7 +1,9 @@
-"""The allocator decision: on unless switched off, and the arena cap taken before threads run."""
+"""What a pipeline process sets first: the malloc tuning on unless switched off, the arena cap
+taken before threads run, triton kept out where no GPU could run it."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from anomalydino_core.allocator import MALLOC_ARENAS, keep_freed_memory
-from tasks.malloc import cap_arenas_at_start, malloc_tuning_wanted
+from tasks.process_start import cap_arenas_at_start, malloc_tuning_wanted
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 ARENA_PROBE = textwrap.dedent(
     """
     import ctypes, os, sys, tempfile, threading
-    from tasks.malloc import cap_arenas_at_start
+    from tasks.process_start import cap_arenas_at_start
     capped = cap_arenas_at_start(dict(os.environ))
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
@@ -78,3 +80,37 @@ def test_the_arena_cap_bounds_the_arenas_of_threads_that_allocate_at_once():
     capped, n = _arenas({**base, "MALLOC_ARENA_MAX": "4"})
     assert capped == "False" and MALLOC_ARENAS < n <= 4
     assert cap_arenas_at_start({"ANOMALYDINO_MALLOC_TUNING": "no"}) is False
+
+
+TRITON_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    import tasks.process_start as start
+    start.GPU_DEVICE_FILES = tuple(sys.argv[1:])
+    import flows  # prepares the process, as the command and deployments do
+    import timm  # imports torch._dynamo, which imports triton where it can
+    import torch.utils._triton
+    maps = open("/proc/self/maps").read()
+    print(json.dumps({"gpu": start.gpu_present(), "entry": repr(sys.modules.get("triton")),
+                      "has_triton": torch.utils._triton.has_triton_package(),
+                      "mapped": "libtriton" in maps}))
+    """
+)
+
+
+def _triton_probe(*gpu_files: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", TRITON_PROBE, *gpu_files],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=300,
+    ).stdout  # fmt: skip
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps")
+def test_triton_stays_out_of_a_process_without_a_gpu(tmp_path):
+    pytest.importorskip("triton")  # the CUDA build of torch installs it
+    none = _triton_probe(str(tmp_path / "nvidia[0-9]*"))
+    assert none == {"gpu": False, "entry": "None", "has_triton": False, "mapped": False}
+    (tmp_path / "nvidia0").touch()  # a GPU device file: triton is left to torch
+    gpu = _triton_probe(str(tmp_path / "nvidia[0-9]*"))
+    assert gpu["gpu"] and gpu["has_triton"] and gpu["mapped"]
