@@ -12,8 +12,8 @@ the calibration measures), the least patch cosine to fp32 torch (OpenVINO also a
 ``openvino/<batch>``: the whole batch per inference request, the other request size the
 calibration weighs), and which runtime the pipeline's calibration picks (measured afresh into a
 temporary cache, with its own figures: a second, shorter measurement).
-DINOv2 runs with random weights (speed does not depend on the values); EfficientNet-Lite0 runs
-at batch 1 on CPU as the pipeline does (``cpu_batch_size``). Exports are cached in
+DINOv2 runs with random weights (speed does not depend on the values). On CPU the batch is
+capped as in the pipeline (``cpu_batch_size``: DINOv2 2, EfficientNet-Lite0 1). Exports are cached in
 ``$ANOMALYDINO_CACHE`` (first run: minutes of export per runtime and backbone).
 """
 
