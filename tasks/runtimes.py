@@ -84,6 +84,12 @@ def cpu_identity(cpuinfo: str | None = None) -> dict[str, object]:
     }
 
 
+def machine_name() -> str:
+    """A short, file-safe name of this CPU (its model name and :data:`CPU_FLAGS`)."""
+    identity = json.dumps(cpu_identity(), sort_keys=True).encode()
+    return hashlib.sha256(identity).hexdigest()[:16]
+
+
 def installed_runtimes() -> frozenset[str]:
     """The exported runtimes whose packages are installed (OpenVINO; ONNX Runtime with the
     onnx + onnxscript exporter)."""
@@ -170,7 +176,9 @@ def _exported_runner(
     """Export (or find) ``fmt`` for ``input_hw``, open it and check it against fp32 torch."""
     try:
         folder, _ = ensure_export(extractor.backbone, fmt, input_hw, root / "exports")
-        runner = open_export(folder, fmt, precision=extractor.precision, threads=threads)
+        runner = open_export(
+            folder, fmt, precision=extractor.precision, threads=threads, machine=machine_name()
+        )
     except Exception as exc:  # an exporter or compiler error of any kind: torch runs it
         raise RuntimeRejected(f"{fmt} export failed ({type(exc).__name__}: {exc})") from exc
     path = check_file(folder, fmt, extractor.precision, threads, input_hw)

@@ -126,10 +126,17 @@ class OpenVinoRunner:
 
     name = "openvino"
 
-    def __init__(self, model, *, precision: str, threads: int) -> None:
+    def __init__(
+        self, model, *, precision: str, threads: int, cache_dir: str | None = None
+    ) -> None:
+        """``model``: an ``ov.Model`` or the path of its IR; ``cache_dir``: OpenVINO's cache of
+        compiled models (``CACHE_DIR``), read and written by OpenVINO itself."""
         import openvino as ov
 
-        self.compiled = ov.Core().compile_model(
+        core = ov.Core()
+        if cache_dir is not None:
+            core.set_property({"CACHE_DIR": str(cache_dir)})
+        self.compiled = core.compile_model(
             model, "CPU", openvino_compile_config(precision, threads)
         )
         self.request = self.compiled.create_infer_request()

@@ -262,3 +262,23 @@ def test_openvino_chosen_measures_its_request_size_and_later_processes_keep_it(
     later.embed(IMAGES)  # two input sizes: both runners get the cached request size
     assert len(later.runner.runners) == 2
     assert all(r.request_images == 2 for r in later.runner.runners.values())
+
+
+def test_openvino_compiled_model_is_cached_per_machine_and_gives_the_same_features(
+    backbones, cache
+):
+    from anomalydino_core.runtimes import probe_batch
+
+    folder, _ = ensure_export(backbones["dinov2_vits14"], "openvino", (RES, RES), cache / "exports")
+    batch = probe_batch((RES, RES), batch=2)
+    before = sorted(folder.rglob("*"))
+    plain = open_export(folder, "openvino", precision="bf16", threads=2)(batch)
+    assert sorted(folder.rglob("*")) == before  # no machine named: no cache written
+    first = open_export(folder, "openvino", precision="bf16", threads=2, machine="cpu-a")
+    blobs = sorted(p.name for p in (folder / "compiled" / "cpu-a").iterdir())
+    assert blobs  # the compiled model, kept for this machine
+    again = open_export(folder, "openvino", precision="bf16", threads=2, machine="cpu-a")
+    assert sorted(p.name for p in (folder / "compiled" / "cpu-a").iterdir()) == blobs
+    assert not list(folder.glob(".compiling-*"))  # the private folders are gone
+    np.testing.assert_array_equal(first(batch), plain)
+    np.testing.assert_array_equal(again(batch), plain)  # imported: the same to the bit
