@@ -60,11 +60,17 @@ def screen_shipment(
     chunks = chunked(items, cfg.runtime.chunk_size)
     futures = [
         embed_images.submit(
-            chunk, resolved.store_uri, resolved.settings, cfg.model, resolved.threads, cfg.runtime.io_threads,
-            cfg.storage, masks=False,  # masking is decided after: scoring computes what it needs
+            chunk,
+            resolved.store_uri,
+            resolved.settings,
+            cfg.model,
+            resolved.threads,
+            cfg.runtime.io_threads,
+            cfg.storage,
+            masks=False,  # masking is decided after: scoring computes what it needs
         )
         for chunk in chunks
-    ]  # fmt: skip
+    ]
     with Progress(len(items), f"embedding {product}/{shipment}") as progress:
         summaries = gather(futures, [len(c) for c in chunks], progress)
     t_embedded = time.perf_counter()

@@ -209,15 +209,21 @@ def _compiled_openvino(
     works in a private folder holding links to the shared blobs; the blobs it adds are renamed
     into the shared folder (whole or not at all, whichever process is first). Where the cache
     cannot be kept (a read-only folder, no hard links) the export is compiled without it."""
-    folder = model_path.parent
     try:
-        _remove_stale_compiles(folder)
-        shared = folder / COMPILED_DIR / machine
-        shared.mkdir(parents=True, exist_ok=True)
-        private = Path(tempfile.mkdtemp(prefix=".compiling-", dir=folder))
+        return _compile_through_cache(model_path, machine, precision=precision, threads=threads)
     except OSError as exc:
         log.warning("OpenVINO compiles %s without its cache: %s", model_path, exc)
         return OpenVinoRunner(str(model_path), precision=precision, threads=threads)
+
+
+def _compile_through_cache(
+    model_path: Path, machine: str, *, precision: str, threads: int
+) -> OpenVinoRunner:
+    folder = model_path.parent
+    _remove_stale_compiles(folder)
+    shared = folder / COMPILED_DIR / machine
+    shared.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix=".compiling-", dir=folder))
     try:
         for blob in shared.iterdir():
             os.link(blob, private / blob.name)
@@ -227,12 +233,9 @@ def _compiled_openvino(
         for blob in private.iterdir():
             if blob.stat().st_nlink == 1:  # written by this compile
                 os.replace(blob, shared / blob.name)
-    except OSError as exc:
-        log.warning("OpenVINO compiles %s without its cache: %s", model_path, exc)
-        return OpenVinoRunner(str(model_path), precision=precision, threads=threads)
+        return runner
     finally:
         shutil.rmtree(private, ignore_errors=True)
-    return runner
 
 
 def _remove_stale_compiles(folder: Path) -> None:

@@ -147,6 +147,15 @@ def test_resize_matches_pil_like_the_official_preprocessing(mvtec_root, name):
         replace(cfg, resize_dtype="float16")
 
 
+def test_cpu_batches_are_capped_per_backbone(effnet):
+    """On CPU DINOv2 runs 2 images per forward pass and EfficientNet-Lite0 one (measured, see
+    ``DINOV2_CPU_BATCH``), whatever the configured batch; smaller batches stay as configured."""
+    vit = build_backbone("dinov2_vits14")
+    assert PatchFeatureExtractor(vit, resolution=224, batch_size=8).batch_size == 2
+    assert PatchFeatureExtractor(vit, resolution=224, batch_size=1).batch_size == 1
+    assert PatchFeatureExtractor(effnet, resolution=224, batch_size=8).batch_size == 1
+
+
 def test_batching_matches_one_by_one():
     b = build_backbone("dinov2_vits14")
     ex = PatchFeatureExtractor(b, resolution=224, precision="fp32", batch_size=3)

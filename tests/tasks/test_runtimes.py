@@ -282,3 +282,23 @@ def test_openvino_compiled_model_is_cached_per_machine_and_gives_the_same_featur
     assert not list(folder.glob(".compiling-*"))  # the private folders are gone
     np.testing.assert_array_equal(first(batch), plain)
     np.testing.assert_array_equal(again(batch), plain)  # imported: the same to the bit
+
+
+def test_openvino_compiles_without_its_cache_where_the_cache_cannot_be_kept(
+    backbones, cache, tmp_path
+):
+    import shutil
+
+    from anomalydino_core.runtimes import probe_batch
+
+    folder, _ = ensure_export(backbones["dinov2_vits14"], "openvino", (RES, RES), cache / "exports")
+    copy = tmp_path / "export"
+    copy.mkdir()
+    for name in ("model.xml", "model.bin"):
+        shutil.copy(folder / name, copy / name)
+    (copy / "compiled").write_text("not a folder")  # the cache's place is taken
+    batch = probe_batch((RES, RES), batch=2)
+    runner = open_export(copy, "openvino", precision="bf16", threads=2, machine="cpu-a")
+    plain = open_export(copy, "openvino", precision="bf16", threads=2)
+    np.testing.assert_array_equal(runner(batch), plain(batch))
+    assert sorted(p.name for p in copy.iterdir()) == ["compiled", "model.bin", "model.xml"]
