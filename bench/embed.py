@@ -9,8 +9,8 @@ runtime that can run it here: median and range of ms per image over ``--rounds``
 rounds (``anomalydino_core.runtimes.measure``; model time only, inputs are preprocessed tensors),
 quiet and beside the pipeline's preprocessing on one thread (``tasks.runtimes.BESIDE_WORK``, as
 the calibration measures), the least patch cosine to fp32 torch (OpenVINO also as
-``openvino/<batch>``: the whole batch per inference request, the other request size the
-calibration weighs), and which runtime the pipeline's calibration picks (measured afresh into a
+``openvino/<batch>``: the whole batch per inference request, and ``openvino/<n> streams``: one
+image per request in n streams, the other request modes the calibration weighs), and which runtime the pipeline's calibration picks (measured afresh into a
 temporary cache, with its own figures: a second, shorter measurement).
 DINOv2 runs with random weights (speed does not depend on the values). On CPU the batch is
 capped as in the pipeline (``cpu_batch_size``: DINOv2 2, EfficientNet-Lite0 1). Exports are cached in
@@ -36,12 +36,12 @@ from anomalydino_core.runtimes import (
     patch_cosines,
     probe_batch,
 )
+from tasks.machine import cache_root, cpu_identity
 from tasks.models import build_extractor, tune_allocator
 from tasks.runtimes import (
+    add_stream_variant,
     attach_runtime,
     build_runner,
-    cache_root,
-    cpu_identity,
     preprocessing_work,
     timed_calls,
     why_not,
@@ -91,6 +91,7 @@ def bench_backbone(name: str, args: argparse.Namespace) -> None:
             notes[runtime] = f"rejected: {runner.fallback_reasons[(size, size)]}"
             continue
         runners[runtime] = runner
+    add_stream_variant(runners, ex, args.threads, cache_root(), notes)  # openvino/<n> streams
     calls = timed_calls(runners, batch)  # OpenVINO also as openvino/<batch>
     cosines = {rt: float(patch_cosines(call(), reference).min()) for rt, call in calls.items()}
     result = measure(calls, images_per_call=batch.shape[0], rounds=args.rounds, min_seconds=0.0)

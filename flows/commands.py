@@ -173,8 +173,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from anomalydino_core.runtimes import check_against_torch
     from tasks.exports import ensure_export, open_export
+    from tasks.machine import cache_root
     from tasks.models import remote_fetcher
-    from tasks.runtimes import cache_root
     from tasks.weights import load_backbone
 
     model = load_config(args).model

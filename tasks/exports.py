@@ -174,16 +174,23 @@ def ensure_export(
 
 
 def open_export(
-    folder: Path, fmt: str, *, precision: str, threads: int, machine: str | None = None
+    folder: Path,
+    fmt: str,
+    *,
+    precision: str,
+    threads: int,
+    machine: str | None = None,
+    streams: int = 1,
 ):
-    """A runner of the export in ``folder`` (OpenVINO compiled with ``precision``; ONNX fp32).
-    ``machine`` names this CPU: OpenVINO's compiled model is then cached beside the export, per
-    machine (``_compiled_openvino``); None compiles without a cache."""
+    """A runner of the export in ``folder`` (OpenVINO compiled with ``precision`` in ``streams``
+    streams; ONNX fp32). ``machine`` names this CPU: OpenVINO's compiled model is then cached
+    beside the export, per machine (``_compiled_openvino``); None compiles without a cache."""
     model_path = folder / MODEL_FILE[fmt]
     if fmt == "openvino":
+        compile_as = {"precision": precision, "threads": threads, "streams": streams}
         if machine is None:
-            return OpenVinoRunner(str(model_path), precision=precision, threads=threads)
-        return _compiled_openvino(model_path, machine, precision=precision, threads=threads)
+            return OpenVinoRunner(str(model_path), **compile_as)
+        return _compiled_openvino(model_path, machine, **compile_as)
     import onnxruntime as ort
 
     session = ort.InferenceSession(
@@ -198,9 +205,7 @@ COMPILED_DIR = "compiled"
 STALE_COMPILE_SECONDS = 3600
 
 
-def _compiled_openvino(
-    model_path: Path, machine: str, *, precision: str, threads: int
-) -> OpenVinoRunner:
+def _compiled_openvino(model_path: Path, machine: str, **compile_as) -> OpenVinoRunner:
     """The export compiled for this CPU, from its cached compiled model when there is one.
 
     A compiled model imported from OpenVINO's cache gives the same features to the bit and holds
@@ -208,17 +213,16 @@ def _compiled_openvino(
     IR is not read), 0.08 s instead of 0.3 to compile. OpenVINO writes its cache in place, so it
     works in a private folder holding links to the shared blobs; the blobs it adds are renamed
     into the shared folder (whole or not at all, whichever process is first). Where the cache
-    cannot be kept (a read-only folder, no hard links) the export is compiled without it."""
+    cannot be kept (a read-only folder, no hard links) the export is compiled without it.
+    ``compile_as``: ``OpenVinoRunner``'s precision, threads and streams."""
     try:
-        return _compile_through_cache(model_path, machine, precision=precision, threads=threads)
+        return _compile_through_cache(model_path, machine, **compile_as)
     except OSError as exc:
         log.warning("OpenVINO compiles %s without its cache: %s", model_path, exc)
-        return OpenVinoRunner(str(model_path), precision=precision, threads=threads)
+        return OpenVinoRunner(str(model_path), **compile_as)
 
 
-def _compile_through_cache(
-    model_path: Path, machine: str, *, precision: str, threads: int
-) -> OpenVinoRunner:
+def _compile_through_cache(model_path: Path, machine: str, **compile_as) -> OpenVinoRunner:
     folder = model_path.parent
     _remove_stale_compiles(folder)
     shared = folder / COMPILED_DIR / machine
@@ -227,9 +231,7 @@ def _compile_through_cache(
     try:
         for blob in shared.iterdir():
             os.link(blob, private / blob.name)
-        runner = OpenVinoRunner(
-            str(model_path), precision=precision, threads=threads, cache_dir=str(private)
-        )
+        runner = OpenVinoRunner(str(model_path), cache_dir=str(private), **compile_as)
         for blob in private.iterdir():
             if blob.stat().st_nlink == 1:  # written by this compile
                 os.replace(blob, shared / blob.name)

@@ -8,7 +8,7 @@ choice with its figures to ``<cache>/runtimes/<backbone>-<resolution>-<digest>.j
 processes read it and measure nothing. Delete the file (or change the key) to measure again.
 On CUDA ``auto`` is torch.
 
-``<cache>`` is ``$ANOMALYDINO_CACHE``, else ``~/.cache/anomalydino``; exported models live under
+``<cache>`` is this machine's cache (``tasks/machine.py``); exported models live under
 ``<cache>/exports`` (``tasks/exports.py``). An exported runtime is checked against fp32 torch
 (cosine >= 0.999 per patch) on its first use per input size on this machine; the outcome is kept
 beside the export (``checks/<digest>.json``: CPU, runtime version, precision, threads, input
@@ -26,8 +26,6 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -52,42 +50,14 @@ from anomalydino_core.runtimes import (
     fold_request_sizes,
     has_vit_cpu_blocks,
     measure,
+    openvino_variants,
     probe_batch,
+    request_mode,
 )
 from tasks.exports import ensure_export, exporter_versions, open_export
-from tasks.storage import atomic_write_bytes
+from tasks.machine import cache_root, cpu_identity, machine_name, write_cache_json
 
 log = logging.getLogger(__name__)
-
-#: CPU flags that decide which runtime is fastest (bf16 and int8 matrix units, vector width).
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def cache_root(environ: Mapping[str, str] = os.environ) -> Path:
-    """``$ANOMALYDINO_CACHE``, else ``~/.cache/anomalydino``."""
-    return Path(environ.get("ANOMALYDINO_CACHE") or Path.home() / ".cache" / "anomalydino")
-
-
-def cpu_identity(cpuinfo: str | None = None) -> dict[str, object]:
-    """The CPU's model name (as ``lscpu`` shows it) and which of :data:`CPU_FLAGS` it has."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    name = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
-    flags_line = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
-    flags = set(flags_line.group(1).split()) if flags_line else set()
-    return {
-        "model_name": name.group(1).strip() if name else "unknown",
-        "flags": [f for f in CPU_FLAGS if f in flags],
-    }
-
-
-def machine_name() -> str:
-    """A short, file-safe name of this CPU (its model name and :data:`CPU_FLAGS`)."""
-    identity = json.dumps(cpu_identity(), sort_keys=True).encode()
-    return hashlib.sha256(identity).hexdigest()[:16]
 
 
 def installed_runtimes() -> frozenset[str]:
@@ -136,6 +106,9 @@ def calibration_key(
         "batch_size": extractor.batch_size,
         "precision": extractor.precision,
         "runtimes": list(runtimes),
+        "openvino_variants": (
+            openvino_variants(extractor.batch_size, threads) if "openvino" in runtimes else []
+        ),
         "versions": versions,
         "measured_beside": BESIDE_WORK,
     }
@@ -165,23 +138,30 @@ def write_calibration(path: Path, key: Mapping[str, object], calibration: Calibr
     write_cache_json(path, data)
 
 
-def write_cache_json(path: Path, data: Mapping[str, object]) -> None:
-    """Write a file of the machine cache atomically (rebuilt on demand: no fsync)."""
-    atomic_write_bytes(str(path), (json.dumps(data, indent=2) + "\n").encode(), durable=False)
-
-
 def _exported_runner(
-    extractor: PatchFeatureExtractor, fmt: str, threads: int, root: Path, input_hw: tuple[int, int]
+    extractor: PatchFeatureExtractor,
+    fmt: str,
+    threads: int,
+    root: Path,
+    input_hw: tuple[int, int],
+    *,
+    streams: int = 1,
 ) -> BatchRunner:
-    """Export (or find) ``fmt`` for ``input_hw``, open it and check it against fp32 torch."""
+    """Export (or find) ``fmt`` for ``input_hw``, open it (OpenVINO: in ``streams`` streams)
+    and check it against fp32 torch."""
     try:
         folder, _ = ensure_export(extractor.backbone, fmt, input_hw, root / "exports")
         runner = open_export(
-            folder, fmt, precision=extractor.precision, threads=threads, machine=machine_name()
+            folder,
+            fmt,
+            precision=extractor.precision,
+            threads=threads,
+            machine=machine_name(),
+            streams=streams,
         )
     except Exception as exc:  # an exporter or compiler error of any kind: torch runs it
         raise RuntimeRejected(f"{fmt} export failed ({type(exc).__name__}: {exc})") from exc
-    path = check_file(folder, fmt, extractor.precision, threads, input_hw)
+    path = check_file(folder, fmt, extractor.precision, threads, input_hw, streams)
     check = read_check(path)
     if check is None:
         check = check_against_torch(runner, fmt, extractor.module, input_hw)
@@ -193,11 +173,17 @@ def _exported_runner(
 
 
 def check_file(
-    folder: Path, fmt: str, precision: str, threads: int, input_hw: tuple[int, int]
+    folder: Path,
+    fmt: str,
+    precision: str,
+    threads: int,
+    input_hw: tuple[int, int],
+    streams: int = 1,
 ) -> Path:
     """Where the check of the export in ``folder`` is kept: one per CPU, runtime version,
-    precision, threads and input size (the export itself is content-addressed)."""
-    key = {
+    precision, threads (and streams, when several) and input size (the export itself is
+    content-addressed)."""
+    key: dict[str, object] = {
         "cpu": cpu_identity(),
         "runtime": fmt,
         "versions": runtime_versions(fmt),
@@ -206,6 +192,8 @@ def check_file(
         "input_hw": list(input_hw),
         "min_patch_cosine": MIN_PATCH_COSINE,
     }
+    if streams > 1:
+        key["streams"] = int(streams)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return folder / "checks" / f"{digest}.json"
 
@@ -239,13 +227,13 @@ def write_check(path: Path, check: ExportCheck) -> None:
 
 
 def build_runner(
-    extractor: PatchFeatureExtractor, runtime: str, threads: int, root: Path
+    extractor: PatchFeatureExtractor, runtime: str, threads: int, root: Path, *, streams: int = 1
 ) -> BatchRunner:
     """A runner of ``runtime`` for ``extractor`` (exported ones: per input size, torch for a
-    size whose export fails its check)."""
+    size whose export fails its check; OpenVINO in ``streams`` streams)."""
     if runtime in ("torch", "vit_cpu"):
         return extractor.torch_runner(vit_cpu_blocks=runtime == "vit_cpu")
-    build = partial(_exported_runner, extractor, runtime, threads, root)
+    build = partial(_exported_runner, extractor, runtime, threads, root, streams=streams)
     return PerShapeRunner(runtime, build, fallback=extractor.torch_runner())
 
 
@@ -293,7 +281,7 @@ def attach_runtime(
     path = calibration_file(key, root)
     cached = None if remeasure else read_calibration(path, key)
     if cached is not None:
-        runner = build_runner(extractor, cached.choice, threads, root)
+        runner = build_runner(extractor, cached.choice, threads, root, streams=cached.streams)
         if isinstance(runner, PerShapeRunner):
             runner.set_request_images(cached.request_images)
         extractor.use_runner(runner)
@@ -331,6 +319,7 @@ def calibrate(
                 rejected[name] = runner.fallback_reasons[(size, size)]
                 continue
         runners[name] = runner
+    add_stream_variant(runners, extractor, threads, root, rejected)
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -342,9 +331,36 @@ def calibrate(
     finally:
         torch.set_num_threads(saved_threads)
     calibration = fold_request_sizes(measured)
-    if calibration.choice == "openvino":
+    if calibration.choice == "openvino" and calibration.streams > 1:
+        runners["openvino"] = runners[f"openvino/{calibration.streams} streams"]
+    elif calibration.choice == "openvino":
         runners["openvino"].set_request_images(calibration.request_images)
     return calibration, runners
+
+
+def add_stream_variant(
+    runners: dict[str, BatchRunner],
+    extractor: PatchFeatureExtractor,
+    threads: int,
+    root: Path,
+    rejected: dict[str, str],
+) -> None:
+    """Beside ``runners["openvino"]``, the same export compiled in streams
+    (``openvino_variants``' ``openvino/<n> streams``), where the batch holds several images and
+    there are several threads; a compile or check that fails goes to ``rejected``."""
+    variant = next(
+        (v for v in openvino_variants(extractor.batch_size, threads) if v.endswith(" streams")),
+        None,
+    )
+    if "openvino" not in runners or variant is None:
+        return
+    size = extractor.preprocess.resolution
+    _, streams = request_mode(variant.split("/", 1)[1])
+    runner = build_runner(extractor, "openvino", threads, root, streams=streams)
+    if runner.runner_for((size, size)) is runner.fallback:
+        rejected[variant] = runner.fallback_reasons[(size, size)]
+    else:
+        runners[variant] = runner
 
 
 def timed_calls(

@@ -22,7 +22,7 @@ import faiss
 import torch
 
 from anomalydino_core.nn_search import adopt_choices, known_choices
-from tasks.runtimes import cache_root, cpu_identity, write_cache_json
+from tasks.machine import cache_root, cpu_identity, write_cache_json
 
 log = logging.getLogger(__name__)
 _saved: set[str] = set()

@@ -23,7 +23,7 @@ _MODULE_OF = {
     **dict.fromkeys(
         [
             "CALIBRATION_ROUNDS", "REQUEST_MARGIN", "Calibration", "RuntimeFigures", "beside",
-            "fold_request_sizes", "measure",
+            "fold_request_sizes", "measure", "openvino_variants", "request_mode",
         ],
         "calibration",
     ),

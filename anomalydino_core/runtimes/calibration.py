@@ -78,14 +78,17 @@ class RuntimeFigures:
 class Calibration:
     """The chosen runtime, every candidate's figures (fastest first) and the runtimes left out
     with their reason (an export that failed its check, a missing package). OpenVINO only:
-    ``request_images``, the images per inference request, and ``request_figures``, its
-    candidates' figures (named by the image count; empty when not measured: one per request)."""
+    ``request_images``, the images per inference request, ``streams``, the requests run at
+    once (one image each; ``OpenVinoRunner``), and ``request_figures``, their candidates'
+    figures (named ``<n>`` for n images per request, ``<n> streams``; empty when not measured:
+    one per request)."""
 
     choice: str
     figures: tuple[RuntimeFigures, ...]
     rejected: Mapping[str, str] = field(default_factory=dict)
     request_images: int = 1
     request_figures: tuple[RuntimeFigures, ...] = ()
+    streams: int = 1
 
     def to_dict(self) -> dict:
         return {
@@ -93,6 +96,7 @@ class Calibration:
             "figures": [f.to_dict() for f in self.figures],
             "rejected": dict(self.rejected),
             "request_images": self.request_images,
+            "streams": self.streams,
             "request_figures": [f.to_dict() for f in self.request_figures],
         }
 
@@ -103,8 +107,11 @@ class Calibration:
         if choice not in {f.runtime for f in figures}:
             raise ValueError(f"calibration choice {choice!r} has no figures")
         request_images = int(d.get("request_images", 1))
-        if request_images < 1:
-            raise ValueError(f"request_images must be >= 1, got {request_images}")
+        streams = int(d.get("streams", 1))
+        if request_images < 1 or streams < 1:
+            raise ValueError(
+                f"request_images ({request_images}) and streams ({streams}) must be >= 1"
+            )
         return cls(
             choice=choice,
             figures=figures,
@@ -113,6 +120,7 @@ class Calibration:
             request_figures=tuple(
                 RuntimeFigures.from_dict(f) for f in d.get("request_figures", ())
             ),
+            streams=streams,
         )
 
     def text(self) -> str:
@@ -121,7 +129,10 @@ class Calibration:
         text = f"runtime {self.choice} (" + ", ".join(parts + left_out) + ")"
         if self.request_figures:
             sizes = ", ".join(f"{f.runtime}: {f.median_ms:.1f}" for f in self.request_figures)
-            text += f"; {self.request_images} image(s) per request (ms/img by images: {sizes})"
+            how = f"{self.request_images} image(s) per request"
+            if self.streams > 1:
+                how = f"{self.streams} streams, one image per request"
+            text += f"; {how} (ms/img by images per request: {sizes})"
         return text
 
 
@@ -168,36 +179,60 @@ def measure(
     return Calibration(fastest[0].runtime, tuple(fastest), dict(rejected or {}))
 
 
+def openvino_variants(batch: int, threads: int, runtime: str = "openvino") -> list[str]:
+    """The candidates that run ``runtime`` on a batch of ``batch`` images with ``threads``
+    threads: one image per request (``runtime``), the whole batch per request
+    (``<runtime>/<batch>``) and one image per request in ``min(batch, threads)`` streams
+    (``<runtime>/<n> streams``), the last two only where there are several images (and
+    threads)."""
+    names = [runtime]
+    if batch > 1:
+        names.append(f"{runtime}/{batch}")
+        if threads > 1:
+            names.append(f"{runtime}/{min(batch, threads)} streams")
+    return names
+
+
+def request_mode(variant: str) -> tuple[int, int]:
+    """(images per request, streams) of a variant name's suffix: ``<n>`` or ``<n> streams``."""
+    count, _, unit = variant.partition(" ")
+    if unit not in ("", "streams") or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"not a request variant: {variant!r}")
+    return (1, int(count)) if unit else (int(count), 1)
+
+
 def fold_request_sizes(
     calibration: Calibration, runtime: str = "openvino", *, margin: float = REQUEST_MARGIN
 ) -> Calibration:
-    """Fold the candidates ``<runtime>/<n>`` (``runtime`` with ``n`` images per inference
-    request) into ``runtime``: a variant is chosen only when it is the fastest candidate and its
-    median is at most ``margin`` of one image per request's (which holds the least memory);
-    otherwise the next fastest candidate is. Their figures move to ``request_figures``, named by
-    the image count."""
+    """Fold the candidates ``<runtime>/<variant>`` (``openvino_variants``: ``n`` images per
+    request, or ``n streams``) into ``runtime``: a variant is chosen only when it is the fastest
+    candidate and its median is at most ``margin`` of one image per request's (which holds the
+    least memory); otherwise the next fastest candidate is. Their figures move to
+    ``request_figures``, named by the variant."""
     prefix = f"{runtime}/"
     variants = [f for f in calibration.figures if f.runtime.startswith(prefix)]
     if not variants:
         return calibration
     single = next((f for f in calibration.figures if f.runtime == runtime), None)
-    choice, images = calibration.choice, 1
+    choice, (images, streams) = calibration.choice, (1, 1)
     for f in calibration.figures:  # fastest first
         if not f.runtime.startswith(prefix):
             choice = f.runtime
             break
         if single is None or f.median_ms <= margin * single.median_ms:
-            choice, images = runtime, int(f.runtime[len(prefix) :])
+            choice, (images, streams) = runtime, request_mode(f.runtime[len(prefix) :])
             break
     renamed = [replace(f, runtime=f.runtime[len(prefix) :]) for f in variants]
     if single is not None:
         renamed.append(replace(single, runtime="1"))
+    chosen = choice == runtime
     return Calibration(
         choice=choice,
         figures=tuple(f for f in calibration.figures if not f.runtime.startswith(prefix)),
         rejected=calibration.rejected,
-        request_images=images if choice == runtime else 1,
+        request_images=images if chosen else 1,
         request_figures=tuple(sorted(renamed, key=lambda f: f.median_ms)),
+        streams=streams if chosen else 1,
     )
 
 

@@ -20,7 +20,9 @@ from anomalydino_core.runtimes import (
     candidates,
     fold_request_sizes,
     measure,
+    openvino_variants,
     patch_cosines,
+    request_mode,
     runtime_precision,
 )
 
@@ -91,50 +93,80 @@ def test_calibration_with_a_choice_it_has_no_figures_for_is_refused():
         measure({}, images_per_call=1)
 
 
-def _figures(**medians: float) -> tuple[RuntimeFigures, ...]:
-    figures = [
-        RuntimeFigures(name.replace("_", "/"), ms, ms, ms, 3) for name, ms in medians.items()
-    ]
+def _figures(medians: dict[str, float]) -> tuple[RuntimeFigures, ...]:
+    figures = [RuntimeFigures(name, ms, ms, ms, 3) for name, ms in medians.items()]
     return tuple(sorted(figures, key=lambda f: f.median_ms))
 
 
 @pytest.mark.parametrize(
-    ("medians", "choice", "images"),
+    ("medians", "choice", "images", "streams"),
     [
-        ({"torch": 75.0, "openvino": 78.0, "openvino_8": 72.0}, "openvino", 8),  # 7.7% faster
-        ({"torch": 75.0, "openvino": 74.0, "openvino_8": 71.0}, "openvino", 1),  # 4%: memory wins
-        ({"torch": 72.0, "openvino": 78.0, "openvino_8": 71.0}, "openvino", 8),  # 9%, fastest
-        ({"torch": 72.0, "openvino": 74.0, "openvino_8": 71.0}, "torch", 1),  # 4%: the next one
-        ({"torch": 70.0, "openvino": 78.0, "openvino_8": 72.0}, "torch", 1),
-        ({"torch": 80.0, "openvino": 78.0}, "openvino", 1),  # batch 1: no variant measured
+        ({"torch": 75.0, "openvino": 78.0, "openvino/8": 72.0}, "openvino", 8, 1),  # 7.7% faster
+        ({"torch": 75.0, "openvino": 74.0, "openvino/8": 71.0}, "openvino", 1, 1),  # 4%: memory
+        ({"torch": 72.0, "openvino": 78.0, "openvino/8": 71.0}, "openvino", 8, 1),  # 9%, fastest
+        ({"torch": 72.0, "openvino": 74.0, "openvino/8": 71.0}, "torch", 1, 1),  # 4%: the next
+        ({"torch": 70.0, "openvino": 78.0, "openvino/8": 72.0}, "torch", 1, 1),
+        ({"torch": 80.0, "openvino": 78.0}, "openvino", 1, 1),  # batch 1: no variant measured
+        (  # streams fastest by far
+            {"torch": 75.0, "openvino": 80.0, "openvino/2": 78.0, "openvino/2 streams": 70.0},
+            "openvino", 1, 2,
+        ),
+        (  # the whole batch per request 7.5% faster, streams less
+            {"torch": 75.0, "openvino": 80.0, "openvino/2": 74.0, "openvino/2 streams": 77.0},
+            "openvino", 2, 1,
+        ),
+        (  # streams fastest but within the margin: one image per request, one stream
+            {"torch": 75.0, "openvino": 73.0, "openvino/2": 74.0, "openvino/2 streams": 72.0},
+            "openvino", 1, 1,
+        ),
     ],
-)
-def test_openvino_request_sizes_fold_into_one_choice(medians, choice, images):
-    figures = _figures(**medians)
+)  # fmt: skip
+def test_openvino_request_modes_fold_into_one_choice(medians, choice, images, streams):
+    figures = _figures(medians)
     measured = Calibration(figures[0].runtime, figures)
     folded = fold_request_sizes(measured)
-    assert (folded.choice, folded.request_images) == (choice, images)
-    assert {f.runtime for f in folded.figures} == {n for n in medians if "_" not in n}
-    if "openvino_8" in medians:
-        sizes = {f.runtime: f.median_ms for f in folded.request_figures}
-        assert sizes == {"1": medians["openvino"], "8": medians["openvino_8"]}
+    assert (folded.choice, folded.request_images, folded.streams) == (choice, images, streams)
+    assert {f.runtime for f in folded.figures} == {n for n in medians if "/" not in n}
+    variants = {n.split("/")[1]: ms for n, ms in medians.items() if "/" in n}
+    if variants:
+        modes = {f.runtime: f.median_ms for f in folded.request_figures}
+        assert modes == {"1": medians["openvino"], **variants}
         assert Calibration.from_dict(folded.to_dict()) == folded
     else:
         assert folded == measured
 
 
-def test_calibration_keeps_its_request_size_and_older_files_mean_one():
+def test_openvino_variants_and_their_request_modes():
+    assert openvino_variants(1, 2) == ["openvino"]
+    assert openvino_variants(2, 1) == ["openvino", "openvino/2"]
+    assert openvino_variants(2, 2) == ["openvino", "openvino/2", "openvino/2 streams"]
+    assert openvino_variants(8, 4)[-1] == "openvino/4 streams"
+    assert request_mode("8") == (8, 1) and request_mode("2 streams") == (1, 2)
+    for bad in ("0", "two", "2 threads", "-1 streams"):
+        with pytest.raises(ValueError, match="request variant"):
+            request_mode(bad)
+
+
+def test_calibration_keeps_its_request_mode_and_older_files_mean_one():
     figures = [{"runtime": "openvino", "median_ms_per_image": 66.0, "min_ms_per_image": 65.0,
                 "max_ms_per_image": 70.0, "rounds": 3}]  # fmt: skip
     old = Calibration.from_dict({"choice": "openvino", "figures": figures})
-    assert old.request_images == 1 and old.request_figures == ()
+    assert (old.request_images, old.streams, old.request_figures) == (1, 1, ())
     sizes = [{**figures[0], "runtime": "1", "median_ms_per_image": 73.5},
              {**figures[0], "runtime": "8", "median_ms_per_image": 65.9}]  # fmt: skip
     new = Calibration.from_dict({**old.to_dict(), "request_images": 8, "request_figures": sizes})
     assert Calibration.from_dict(new.to_dict()) == new and new.request_images == 8
-    assert "8 image(s) per request (ms/img by images: 1: 73.5, 8: 65.9)" in new.text()
-    with pytest.raises(ValueError, match="request_images"):
-        Calibration.from_dict({**old.to_dict(), "request_images": 0})
+    assert "8 image(s) per request (ms/img by images per request: 1: 73.5, 8: 65.9)" in new.text()
+    modes = [sizes[0], {**figures[0], "runtime": "2 streams", "median_ms_per_image": 60.1}]
+    streamed = Calibration.from_dict({**old.to_dict(), "streams": 2, "request_figures": modes})
+    assert Calibration.from_dict(streamed.to_dict()) == streamed
+    assert (
+        "2 streams, one image per request (ms/img by images per request: 1: 73.5, 2 streams: 60.1)"
+        in streamed.text()
+    )
+    for field in ("request_images", "streams"):
+        with pytest.raises(ValueError, match=field):
+            Calibration.from_dict({**old.to_dict(), field: 0})
 
 
 def test_beside_runs_its_work_on_one_thread_during_the_block_only():

@@ -19,8 +19,9 @@ from anomalydino_core.backbones import build_backbone
 from anomalydino_core.config import ModelSettings
 from anomalydino_core.runtimes import OnnxRunner, OpenVinoRunner, PerShapeRunner, patch_cosines
 from tasks.exports import ExportKey, _write_export, damage, ensure_export, open_export
+from tasks.machine import cache_root, cpu_identity
 from tasks.models import build_extractor
-from tasks.runtimes import attach_runtime, cache_root, cpu_identity, read_calibration
+from tasks.runtimes import attach_runtime, read_calibration
 from tasks.weights import load_backbone
 
 RES = 224
@@ -200,17 +201,18 @@ def test_an_export_check_is_kept_beside_the_export_and_decides_in_later_processe
     assert not ex.runner.fallback_reasons and json.loads(kept.read_text())["passed"]
 
 
-def test_openvino_chosen_measures_its_request_size_and_later_processes_keep_it(
+def test_openvino_chosen_measures_its_request_modes_and_later_processes_keep_them(
     backbones, cache, monkeypatch
 ):
     """The calibration that picks OpenVINO also measures one image per request against the
-    whole batch, beside the preprocessing; the choice follows the margin rule, is cached, and
-    later processes apply it."""
+    whole batch per request and against one image per stream, beside the preprocessing; the
+    choice follows the margin rule, is cached, and later processes apply it."""
     import threading
 
     import tasks.runtimes as runtimes_module
     from anomalydino_core.runtimes import REQUEST_MARGIN, candidates, has_vit_cpu_blocks
     from tasks.runtimes import (
+        build_runner,
         calibrate,
         calibration_file,
         calibration_key,
@@ -232,21 +234,32 @@ def test_openvino_chosen_measures_its_request_size_and_later_processes_keep_it(
     calibration, runners = calibrate(ex, ["openvino"], 2, cache, rounds=2)
     assert beside_threads and set(beside_threads) == {"calibration-beside"}  # it ran beside
     figures = {f.runtime: f.median_ms for f in calibration.request_figures}
-    assert calibration.choice == "openvino" and set(figures) == {"1", "2"}
-    wanted = 2 if figures["2"] <= REQUEST_MARGIN * figures["1"] else 1
-    assert calibration.request_images == wanted
+    assert calibration.choice == "openvino" and set(figures) == {"1", "2", "2 streams"}
+    wanted = next(
+        mode
+        for mode in sorted(figures, key=figures.__getitem__)
+        if mode == "1" or figures[mode] <= REQUEST_MARGIN * figures["1"]
+    )
+    streams = 2 if wanted == "2 streams" else 1
+    images = 1 if streams > 1 else int(wanted)
+    assert (calibration.request_images, calibration.streams) == (images, streams)
     runner = runners["openvino"]
-    assert runner.request_images == wanted
-    assert all(r.request_images == wanted for r in runner.runners.values())
-    assert "per request" in calibration.text()
+    compiled = runner.runner_for((RES, RES))
+    assert (compiled.request_images, compiled.streams) == (images, streams)
+    assert ("streams" in calibration.text()) == (streams > 1)
 
-    # the other size gives the same grids (within the export check's tolerance)
+    # every mode gives the same grids (within the export check's tolerance)
     grids = ex.embed(IMAGES[:1] * 2)
-    runner.set_request_images(3 - wanted)
-    for got, ref in zip(ex.embed(IMAGES[:1] * 2), grids, strict=True):
-        assert patch_cosines(got, ref).min() >= 0.999
+    one_stream = build_runner(ex, "openvino", 2, cache)
+    for mode in ("1", "2", "2 streams"):
+        other = runners["openvino/2 streams"] if mode == "2 streams" else one_stream
+        if mode != "2 streams":
+            other.set_request_images(int(mode))
+        ex.use_runner(other)
+        for got, ref in zip(ex.embed(IMAGES[:1] * 2), grids, strict=True):
+            assert patch_cosines(got, ref).min() >= 0.999
 
-    # a later process reads the choice (forced to 2 here) and applies it to every input size
+    # a later process reads the choice (forced here) and applies it to every input size
     names, _ = candidates(
         device_type="cpu",
         precision=ex.precision,
@@ -254,14 +267,40 @@ def test_openvino_chosen_measures_its_request_size_and_later_processes_keep_it(
         installed=installed_runtimes(),
     )
     key = calibration_key(ex, 2, names)
-    forced = calibration.__class__.from_dict({**calibration.to_dict(), "request_images": 2})
-    write_calibration(calibration_file(key, cache), key, forced)
-    later = build_extractor(model, backbone)
-    decision = attach_runtime(later, "auto", threads=2, root=cache)
-    assert decision.runtime == "openvino" and not decision.measured_now
-    later.embed(IMAGES)  # two input sizes: both runners get the cached request size
-    assert len(later.runner.runners) == 2
-    assert all(r.request_images == 2 for r in later.runner.runners.values())
+    assert key["openvino_variants"] == ["openvino", "openvino/2", "openvino/2 streams"]
+    for forced_mode in ({"request_images": 2, "streams": 1}, {"request_images": 1, "streams": 2}):
+        forced = calibration.__class__.from_dict({**calibration.to_dict(), **forced_mode})
+        write_calibration(calibration_file(key, cache), key, forced)
+        later = build_extractor(model, backbone)
+        decision = attach_runtime(later, "auto", threads=2, root=cache)
+        assert decision.runtime == "openvino" and not decision.measured_now
+        later.embed(IMAGES)  # two input sizes: both runners get the cached mode
+        assert len(later.runner.runners) == 2
+        modes = {(r.request_images, r.streams) for r in later.runner.runners.values()}
+        if forced_mode["streams"] > 1:  # the request size does not apply to streams
+            assert {m[1] for m in modes} == {2}
+        else:
+            assert modes == {(2, 1)}
+
+
+def test_openvino_in_streams_runs_each_image_in_batch_order(backbones, cache):
+    """Two streams run a batch of three one image per request: each output is its own image's
+    (the same features as one stream) in batch order, and a failed request leaves none running."""
+    from anomalydino_core.runtimes import probe_batch
+
+    folder, _ = ensure_export(backbones["dinov2_vits14"], "openvino", (RES, RES), cache / "exports")
+    batch = probe_batch((RES, RES), batch=3)
+    one = open_export(folder, "openvino", precision="bf16", threads=2)(batch)
+    streamed = open_export(folder, "openvino", precision="bf16", threads=2, streams=2)
+    assert streamed.streams == 2 and len(streamed.requests) == 2
+    got = streamed(batch)
+    assert got.shape == one.shape
+    for i in range(3):
+        assert patch_cosines(got[i], one[i]).min() >= 0.9999
+        assert patch_cosines(got[i], one[(i + 1) % 3]).min() < 0.9  # not another image's
+    with pytest.raises(Exception):  # noqa: B017 (OpenVINO's own error type)
+        streamed(probe_batch((RES + 14, RES), batch=2))  # the export's size is fixed
+    np.testing.assert_array_equal(streamed(batch), got)  # no request left running
 
 
 def test_openvino_compiled_model_is_cached_per_machine_and_gives_the_same_features(
