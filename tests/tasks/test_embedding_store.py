@@ -122,6 +122,33 @@ def test_embedding_store_float32_input_stored_as_float16(tmp_path: Path) -> None
     assert not store.has("big")
 
 
+def test_entries_written_with_the_codec_before_read_beside_new_ones(tmp_path, monkeypatch):
+    """Stores written before the features' codec changed (blosc-zstd, byte shuffle) stay
+    readable: each array names its codec, new entries get lz4 with bit shuffle."""
+    from zarr.codecs import BloscCodec
+
+    import tasks.embedding_store as store_module
+
+    uri = str(tmp_path / "e.zarr")
+    old, new = _image("old", seed=1), _image("new", seed=2)
+    with monkeypatch.context() as mp:
+        mp.setattr(
+            store_module,
+            "feature_compressor",
+            lambda: BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),
+        )
+        EmbeddingStore.open(uri, SETTINGS).put(old)
+    store = EmbeddingStore.open(uri, SETTINGS)
+    store.put(new)
+    codecs = {}
+    for item in (old, new):
+        np.testing.assert_array_equal(store.get(item.image_id).features, item.features)
+        node = zarr.open_array(f"{uri}/images/{image_key(item.image_id)}/features", mode="r")
+        codecs[item.image_id] = node.metadata.to_dict()["codecs"][-1]["configuration"]
+    assert (codecs["old"]["cname"], codecs["old"]["shuffle"]) == ("zstd", "shuffle")
+    assert (codecs["new"]["cname"], codecs["new"]["shuffle"]) == ("lz4", "bitshuffle")
+
+
 def test_embedding_store_settings_mismatch_raises(base) -> None:
     root, cfg = base
     uri = st.join(root, "emb.zarr")
