@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import faiss
 import numpy as np
 import pytest
@@ -49,6 +50,26 @@ def test_anomaly_map_matches_scipy_reference():
     up = ndimage.map_coordinates(grid.astype(np.float64), [yy, xx], order=1, mode="nearest")
     ref = ndimage.gaussian_filter(up, sigma=4.0, mode="reflect", truncate=4.0)
     assert np.abs(amap - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("grid_shape", "size", "sigma"),
+    [((32, 32), (900, 900), 4.0), ((28, 70), (500, 1250), 4.0), ((32, 32), (900, 900), 0.0),
+     ((4, 4), (3, 3), 4.0), ((1, 1), (14, 14), 4.0)],
+)  # fmt: skip
+def test_anomaly_map_equals_opencv_resize_then_blur(grid_shape, size, sigma):
+    """The matrix form is OpenCV's own upsampling and blur over the whole image, to float
+    rounding, on square, wide, unblurred, shrunk and one-patch grids."""
+    grid = np.random.default_rng(1).random(grid_shape).astype(np.float32)
+    ref = cv2.resize(grid, size[::-1], interpolation=cv2.INTER_LINEAR)
+    if sigma > 0:
+        k = 2 * int(4 * sigma + 0.5) + 1
+        ref = cv2.GaussianBlur(
+            ref, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT
+        )
+    amap = anomaly_map(grid, size, sigma=sigma)
+    assert amap.shape == size and amap.dtype == np.float32 and amap.flags.writeable
+    np.testing.assert_allclose(amap, ref, rtol=0, atol=2e-6)
 
 
 def test_patch_index_exact_cosine_and_round_trip():
