@@ -31,6 +31,7 @@ from anomalydino_core.runtimes import (
     ONNX_OPSET,
     OnnxRunner,
     OpenVinoRunner,
+    export_rule,
     onnx_session_options,
     openvino_version,
     to_onnx,
@@ -83,6 +84,7 @@ class ExportKey:
             weights_sha256=backbone.identity.weights_sha256,
             input_hw=(int(input_hw[0]), int(input_hw[1])),
             versions=tuple(sorted(exporter_versions(fmt).items())),
+            rule=export_rule(fmt),
         )
 
     def to_dict(self) -> dict:

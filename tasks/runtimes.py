@@ -47,6 +47,7 @@ from anomalydino_core.runtimes import (
     beside,
     candidates,
     check_against_torch,
+    export_rule,
     fold_request_sizes,
     has_vit_cpu_blocks,
     measure,
@@ -97,6 +98,7 @@ def calibration_key(
     for name in runtimes:
         if name in EXPORTED:
             versions.update(exporter_versions(name))
+            versions[f"{name} export"] = export_rule(name)
     return {
         "cpu": cpu_identity(),
         "threads": int(threads),

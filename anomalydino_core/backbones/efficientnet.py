@@ -54,9 +54,12 @@ class EfficientNetPatchEncoder(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._knn_features(*self._stages(x))
 
-    def fixed_shape_module(self, height: int, width: int) -> torch.nn.Module:
+    def fixed_shape_module(
+        self, height: int, width: int, *, token_multiple: int = 1
+    ) -> torch.nn.Module:
         """A copy of this encoder for export (its 'same' pads become constants for the traced
-        ``height`` x ``width``; the copy keeps the extractor's channels-last module untouched)."""
+        ``height`` x ``width``; the copy keeps the extractor's channels-last module untouched).
+        ``token_multiple``: a ViT's; a CNN has no tokens to pad."""
         if height % 32 or width % 32:
             raise ValueError(f"input {height}x{width} is not a multiple of 32")
         return copy.deepcopy(self)

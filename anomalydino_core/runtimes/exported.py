@@ -43,6 +43,18 @@ MIN_PATCH_COSINE = 0.999
 ONNX_OPSET = 18
 #: Version of how this module builds an export; part of every export's cache key.
 EXPORT_RULE = "fixed-hw-dynamic-batch-v1"
+#: OpenVINO exports pad a ViT's tokens to a multiple of this (``_FixedGridEncoder``: the same
+#: features, 12% less time for ViT-S/14 at 448 on the Intel Xeon with AMX); ONNX Runtime's
+#: attention is unfused matrix products, for which padding is only more work.
+OPENVINO_TOKEN_MULTIPLE = 32
+
+
+def export_rule(fmt: str) -> str:
+    """How an export of format ``fmt`` is built (part of its cache key)."""
+    if fmt == "openvino":
+        return f"{EXPORT_RULE}, tokens padded to a multiple of {OPENVINO_TOKEN_MULTIPLE}"
+    return EXPORT_RULE
+
 
 BatchRunner = Callable[[torch.Tensor], np.ndarray]
 
@@ -51,12 +63,18 @@ class RuntimeRejected(RuntimeError):
     """An exported runtime cannot serve an input shape; the message says why."""
 
 
-def exportable_module(module: torch.nn.Module, input_hw: tuple[int, int]) -> torch.nn.Module:
+def exportable_module(
+    module: torch.nn.Module, input_hw: tuple[int, int], *, token_multiple: int = 1
+) -> torch.nn.Module:
     """An fp32, contiguous-memory module computing ``module``'s features for inputs of
-    ``input_hw`` (the backbone's ``fixed_shape_module``, else a copy of the module itself)."""
+    ``input_hw`` (the backbone's ``fixed_shape_module``, a ViT's tokens padded to a multiple of
+    ``token_multiple``; else a copy of the module itself)."""
     height, width = input_hw
     fixed = getattr(module, "fixed_shape_module", None)
-    out = fixed(height, width) if fixed is not None else copy.deepcopy(module)
+    if fixed is not None:
+        out = fixed(height, width, token_multiple=token_multiple)
+    else:
+        out = copy.deepcopy(module)
     return out.float().to(memory_format=torch.contiguous_format).eval()
 
 
@@ -76,7 +94,7 @@ def to_openvino(module: torch.nn.Module, input_hw: tuple[int, int]):
     """The OpenVINO model (``openvino.Model``) of ``module`` for (any batch, 3, H, W)."""
     import openvino as ov
 
-    model = exportable_module(module, input_hw)
+    model = exportable_module(module, input_hw, token_multiple=OPENVINO_TOKEN_MULTIPLE)
     with torch.inference_mode():
         return ov.convert_model(
             model,

@@ -18,10 +18,12 @@ from anomalydino_core.runtimes import (
     RuntimeRejected,
     beside,
     candidates,
+    exportable_module,
     fold_request_sizes,
     measure,
     openvino_variants,
     patch_cosines,
+    probe_batch,
     request_mode,
     runtime_precision,
 )
@@ -238,3 +240,33 @@ def test_per_shape_runner_builds_once_per_size_and_falls_back_with_the_reason():
     runner(torch.zeros(1, 3, 4, 8))
     assert built == [(4, 4), (4, 8)]
     assert runner.fallback_reasons == {(4, 8): "no export for (4, 8)"}
+
+
+@pytest.mark.parametrize(("name", "input_hw"), [("dinov2_vits14", (448, 448)),
+                                                 ("dinov2_vits14_reg", (224, 308))])  # fmt: skip
+def test_exportable_vit_pads_its_tokens_and_masks_them_out(name, input_hw):
+    """OpenVINO's export pads a ViT's tokens to a multiple of 32: the padding is masked out of
+    every attention, so the features are the module's own; unmasked, it would change them."""
+    torch.manual_seed(0)
+    module = build_backbone(name).module.eval()
+    with torch.no_grad():
+        for param_name, param in module.named_parameters():
+            if param_name.endswith("gamma"):
+                param.uniform_(0.2, 1.0)  # LayerScale far from its 1e-5 init: attention matters
+    x = probe_batch(input_hw, batch=2)
+    padded = exportable_module(module, input_hw, token_multiple=32)
+    tokens = module.vit.num_prefix_tokens + (input_hw[0] // 14) * (input_hw[1] // 14)
+    assert padded.padding > 0 and (tokens + padded.padding) % 32 == 0
+    with torch.inference_mode():
+        reference = module(x)
+        torch.testing.assert_close(padded(x), reference, rtol=1e-5, atol=1e-5)
+        padded.key_mask.zero_()  # the padding visible to attention
+        assert (padded(x) - reference).abs().max().item() > 1e-3
+
+
+def test_exportable_cnn_has_no_tokens_to_pad():
+    module = build_backbone("efficientnet_lite0").module.eval()
+    x = probe_batch((224, 224), batch=1)
+    with torch.inference_mode():
+        exported = exportable_module(module, (224, 224), token_multiple=32)(x)
+        torch.testing.assert_close(exported, module(x), rtol=0, atol=0)
