@@ -30,14 +30,16 @@ _M_ARENA_MAX = -8
 #: (``MALLOC_ARENA_MAX=2`` or ``cap_arenas`` first thing), the same seconds per image. A cap set
 #: later (when the extractor is built, threads already running) kept 1.90 of 2.02 in another run.
 MALLOC_ARENAS = 2
-#: Where glibc's own thresholds settle on 64-bit: its mmap threshold rises with the blocks freed
-#: up to 32 MiB, the trim threshold follows at twice that; the top pad is 128 KiB (mallopt(3)).
-#: Lower thresholds held less but cost time: the pipeline allocates ~40 MB per image in 1-8 MB
-#: blocks (decoding, the input tensor, the mask, the map), faulted in again when each is mapped.
-#: Peak RSS / ms per image of the peer bench's 1-shot bank build + 83-image audit with
-#: OpenVINO (Intel Xeon, AMX; interleaved): mmap 128 KiB 1.56 GiB / 126; mmap 8 MiB, trim 16 or
-#: 64 MiB 1.71-1.78 / 118; 32 / 64 MiB 1.79-1.90 / 113.6; thresholds kept 1.92 / 112.7.
-GLIBC_MMAP_THRESHOLD_MAX = 32 << 20
+#: ``give_freed_memory_back``'s mmap threshold: blocks from 8 MiB up are mapped on their own and
+#: unmapped when freed; the heap is trimmed past twice that; the top pad is glibc's 128 KiB.
+#: The pipeline allocates ~40 MB per image in 1-8 MB blocks (decoding, the input tensor, the
+#: mask, the map), faulted in again when each is mapped. glibc's own thresholds settle at 32 /
+#: 64 MiB on 64-bit: there the peak depended on where freed blocks landed. Peer bench audits
+#: with OpenVINO (Intel Xeon, AMX; interleaved), peak RSS / ms per image: 1-shot, 5 runs each,
+#: 8 MiB 1.34-1.36 GiB / 117.3 median, 32 MiB 1.38-1.47 / 114.6; 16-shot, 2 runs each, 8 MiB
+#: 1.43-1.49 / 160.7, 16 MiB 1.46 / 162.3, 32 MiB 1.55-1.60 / 161.6. Earlier (before the
+#: arena cap): mmap 128 KiB 1.56 GiB / 126 ms; thresholds never lowered 1.92 / 112.7.
+GIVE_BACK_MMAP_THRESHOLD = 8 << 20
 GLIBC_TOP_PAD = 128 << 10
 
 
@@ -80,14 +82,14 @@ def keep_freed_memory(enabled: bool) -> bool:
 
 
 def give_freed_memory_back() -> bool:
-    """Undo ``keep_freed_memory``'s thresholds (to where glibc's own settle:
-    ``GLIBC_MMAP_THRESHOLD_MAX``) and return the freed heap to the kernel (``malloc_trim``); the
+    """Undo ``keep_freed_memory``'s thresholds (to ``GIVE_BACK_MMAP_THRESHOLD``, the trim
+    threshold at twice that) and return the freed heap to the kernel (``malloc_trim``); the
     arena cap stays. True when glibc took the settings."""
     mallopt, libc = _mallopt(), _libc()
     if mallopt is None or libc is None or not hasattr(libc, "malloc_trim"):
         return False
-    ok = mallopt(_M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
-    ok &= mallopt(_M_TRIM_THRESHOLD, 2 * GLIBC_MMAP_THRESHOLD_MAX)
+    ok = mallopt(_M_MMAP_THRESHOLD, GIVE_BACK_MMAP_THRESHOLD)
+    ok &= mallopt(_M_TRIM_THRESHOLD, 2 * GIVE_BACK_MMAP_THRESHOLD)
     ok &= mallopt(_M_TOP_PAD, GLIBC_TOP_PAD)
     libc.malloc_trim.argtypes = [ctypes.c_size_t]
     libc.malloc_trim(0)
