@@ -99,15 +99,16 @@ def bench_backbone(name: str, args: argparse.Namespace) -> None:
         loaded = measure(calls, images_per_call=batch.shape[0], rounds=args.rounds, min_seconds=0)
     under = {f.runtime: f for f in loaded.figures}
     print(f"\n{name} {size}x{size} batch {batch.shape[0]} {ex.precision} ({args.rounds} rounds)")
-    print(f"  {'runtime':<11}{'quiet ms/img':>13}{'range':>13}{'beside ms/img':>15}{'range':>13}"
+    w = max(11, *(len(f.runtime) + 1 for f in result.figures))
+    print(f"  {'runtime':<{w}}{'quiet ms/img':>13}{'range':>13}{'beside ms/img':>15}{'range':>13}"
           f"{'cos vs fp32':>13}")  # fmt: skip
     for f in sorted(result.figures, key=lambda f: f.runtime):
         u = under[f.runtime]
-        print(f"  {f.runtime:<11}{f.median_ms:>13.1f}{f'{f.min_ms:.1f}-{f.max_ms:.1f}':>13}"
+        print(f"  {f.runtime:<{w}}{f.median_ms:>13.1f}{f'{f.min_ms:.1f}-{f.max_ms:.1f}':>13}"
               f"{u.median_ms:>15.1f}{f'{u.min_ms:.1f}-{u.max_ms:.1f}':>13}"
               f"{cosines[f.runtime]:>13.6f}")  # fmt: skip
     for runtime, note in notes.items():
-        print(f"  {runtime:<10}{note}")
+        print(f"  {runtime:<{w}}{note}")
     with tempfile.TemporaryDirectory() as tmp:  # exports shared, the calibration fresh
         (Path(tmp) / "exports").symlink_to(cache_root() / "exports", target_is_directory=True)
         picked = attach_runtime(
