@@ -149,9 +149,9 @@ class OpenVinoRunner:
     One stream (``streams=1``): consecutive requests of ``request_images`` images (the
     calibration's choice, else ``OPENVINO_REQUEST_IMAGES``), each on every thread. ``streams``
     > 1: the threads split into that many streams and the batch's images run one per request,
-    ``streams`` at a time; the features are the same to the bit. Beside the pipeline's decoding
-    threads a stream that loses its core stalls only itself, where one request on every thread
-    waits for its slowest thread: ViT-S/14 448 bf16, 2 threads, batch 2 (Intel Xeon, AMX),
+    ``streams`` at a time; the same features (to the bit on the Xeon). Beside the pipeline's
+    decoding threads a stream that loses its core stalls only itself, where one request on every
+    thread waits for its slowest thread: ViT-S/14 448 bf16, 2 threads, batch 2 (Intel Xeon, AMX),
     interleaved medians of 6: 2 images per request 80.5 ms/img quiet, 132.6 beside
     ``BESIDE_WORK``; 2 streams 78.6 and 110.2. The calibration measures both."""
 
