@@ -10,8 +10,9 @@ rounds (``anomalydino_core.runtimes.measure``; model time only, inputs are prepr
 quiet and beside the pipeline's preprocessing on one thread (``tasks.runtimes.BESIDE_WORK``, as
 the calibration measures), the least patch cosine to fp32 torch (OpenVINO also as
 ``openvino/<batch>``: the whole batch per inference request, and ``openvino/<n> streams``: one
-image per request in n streams, the other request modes the calibration weighs), and which runtime the pipeline's calibration picks (measured afresh into a
-temporary cache, with its own figures: a second, shorter measurement).
+image per request in n streams, the other request modes the calibration weighs), and which
+runtime the pipeline's calibration picks (measured afresh into a temporary cache, with its own
+figures: a second, shorter measurement).
 DINOv2 runs with random weights (speed does not depend on the values). On CPU the batch is
 capped as in the pipeline (``cpu_batch_size``: DINOv2 2, EfficientNet-Lite0 1). Exports are cached in
 ``$ANOMALYDINO_CACHE`` (first run: minutes of export per runtime and backbone).
