@@ -32,7 +32,7 @@ from tasks.bank import (
     reference_angles,
 )
 from tasks.embed import SourceImage
-from tasks.embed_images import embed_images
+from tasks.embed_images import EmbedSummary, embed_images
 from tasks.layout import latest_version, relative_id
 from tasks.listing import ImageListing, list_image_files
 from tasks.models import default_threads, embedder, feature_key
@@ -61,6 +61,33 @@ class ResolvedModel:
     token_settings: dict[str, Any]  # the FoundAD token store: the features' + the layer
     token_key: str
     token_store_uri: str
+
+
+def embed_chunks(
+    chunks: list[list[SourceImage]],
+    resolved: ResolvedModel,
+    cfg: PipelineConfig,
+    what: str,
+    *,
+    masks: bool = True,
+) -> list[EmbedSummary]:
+    """Embed each chunk of images into the resolved model's store (one ``embed_images`` task per
+    chunk, progress shown as ``what``); the tasks' summaries, in chunk order."""
+    futures = [
+        embed_images.submit(
+            chunk,
+            resolved.store_uri,
+            resolved.settings,
+            cfg.model,
+            resolved.threads,
+            cfg.runtime.io_threads,
+            cfg.storage,
+            masks=masks,
+        )
+        for chunk in chunks
+    ]
+    with Progress(sum(len(c) for c in chunks), what) as progress:
+        return gather(futures, [len(c) for c in chunks], progress)
 
 
 def resolve_model(cfg: PipelineConfig, product: str) -> ResolvedModel:
@@ -218,20 +245,9 @@ def prepare_bank(
         resolved.key,
     )
     chunks = chunked(items, max(1, cfg.runtime.chunk_size // len(angles)))
-    futures = [
-        embed_images.submit(
-            chunk,
-            resolved.store_uri,
-            resolved.settings,
-            cfg.model,
-            resolved.threads,
-            cfg.runtime.io_threads,
-            cfg.storage,
-        )
-        for chunk in chunks
-    ]
-    with Progress(len(items), f"embedding the references of {product}/{version}") as progress:
-        summaries = gather(futures, [len(c) for c in chunks], progress)
+    summaries = embed_chunks(
+        chunks, resolved, cfg, f"embedding the references of {product}/{version}"
+    )
     uri_of = {it.image_id: it.uri for it in items}
     references: list[ReferenceImage] = []
     errors: list[str] = []

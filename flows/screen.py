@@ -21,7 +21,7 @@ from anomalydino_core.overlays import overlay_scale
 from anomalydino_core.thresholds import screening_threshold
 from anomalydino_core.zero_shot import MutualScoringConfig, split_query_indices
 from flows import leftovers
-from flows.banks import resolve_model, run_context
+from flows.banks import embed_chunks, resolve_model, run_context
 from flows.config import PipelineConfig
 from flows.progress import Progress, gather
 from flows.run import LotRunSummary, finish_run, lot_items, open_map_archive
@@ -30,7 +30,6 @@ from flows.runtime import (
     resolve_config,
     utc_now,
 )
-from tasks.embed_images import embed_images
 from tasks.embedding_store import EmbeddingStore
 from tasks.overlays import write_overlays
 from tasks.report import ReportRow
@@ -58,21 +57,8 @@ def screen_shipment(
         raise FileNotFoundError(f"{product}/{shipment}: no shipment at {lot_uri}")
     t_setup = time.perf_counter()
     chunks = chunked(items, cfg.runtime.chunk_size)
-    futures = [
-        embed_images.submit(
-            chunk,
-            resolved.store_uri,
-            resolved.settings,
-            cfg.model,
-            resolved.threads,
-            cfg.runtime.io_threads,
-            cfg.storage,
-            masks=False,  # masking is decided after: scoring computes what it needs
-        )
-        for chunk in chunks
-    ]
-    with Progress(len(items), f"embedding {product}/{shipment}") as progress:
-        summaries = gather(futures, [len(c) for c in chunks], progress)
+    # masking is decided after: scoring computes what it needs
+    summaries = embed_chunks(chunks, resolved, cfg, f"embedding {product}/{shipment}", masks=False)
     t_embedded = time.perf_counter()
 
     by_id = {it.image_id: it for it in items}

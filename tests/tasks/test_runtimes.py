@@ -341,3 +341,26 @@ def test_openvino_compiles_without_its_cache_where_the_cache_cannot_be_kept(
     plain = open_export(copy, "openvino", precision="bf16", threads=2)
     np.testing.assert_array_equal(runner(batch), plain(batch))
     assert sorted(p.name for p in copy.iterdir()) == ["compiled", "model.bin", "model.xml"]
+
+
+def test_openvino_exports_of_a_vit_hold_its_tokens_padded(backbones, cache):
+    """The OpenVINO export carries the key mask of tokens padded to a multiple of 32 (and says
+    so in its key); ONNX exports are not padded."""
+    import openvino as ov
+
+    from anomalydino_core.runtimes import OPENVINO_TOKEN_MULTIPLE, export_rule
+
+    assert "padded" not in export_rule("onnx")
+
+    tokens = 1 + (RES // 14) ** 2  # class token + patches
+    padded = -(-tokens // OPENVINO_TOKEN_MULTIPLE) * OPENVINO_TOKEN_MULTIPLE
+    assert padded > tokens
+    folder, _ = ensure_export(backbones["dinov2_vits14"], "openvino", (RES, RES), cache / "exports")
+    assert "padded" in json.loads((folder / "manifest.json").read_text())["key"]["rule"]
+    model = ov.Core().read_model(str(folder / "model.xml"))
+    shapes = {
+        tuple(op.get_output_partial_shape(0).to_shape())
+        for op in model.get_ordered_ops()
+        if op.get_type_name() == "Constant"
+    }
+    assert (1, 1, 1, padded) in shapes and (1, 1, 1, tokens) not in shapes
