@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch/torchvision first, pinned: pip then takes the local wheels instead of a download
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	# onnx: the ONNX Runtime embedding runtime, tested beside torch and OpenVINO
-	$(BIN)/pip install -q -e ".[dev,onnx]"
+	# onnx: the ONNX Runtime embedding runtime, tested beside torch and OpenVINO; int8: nncf,
+	# which compresses OpenVINO exports' weights for model.precision=int8
+	$(BIN)/pip install -q -e ".[dev,onnx,int8]"
 	# the authors' DINOv2 code, for the parity test only (code, no dependencies)
 	$(BIN)/pip install -q --no-deps "dinov2==0.0.1.dev2"
 	# anomalib 2.7.0's source (no dependencies, never imported by the project) into

@@ -15,7 +15,11 @@ Preprocess = Literal["agnostic", "informed", "masking_only", "none"]
 ImageScoreMethod = Literal["top1p_mean", "max", "max_map"]
 IndexKind = Literal["exact", "exact_bf16", "hnsw", "ivf"]
 Statistic = Literal["code_mean", "quantile"]
-Precision = Literal["auto", "fp32", "bf16"]
+#: The model's precision setting; ``int8``: int8 weights run by OpenVINO (docs/runtimes.md).
+Precision = Literal["auto", "fp32", "bf16", "int8"]
+#: What a model runs at once ``auto`` is resolved.
+ModelPrecision = Literal["fp32", "bf16", "int8"]
+#: Scoring's products (zero-shot tiles, FoundAD's torch passes): fp32 or bf16.
 ComputePrecision = Literal["fp32", "bf16"]
 Method = Literal["knn", "foundad"]
 Scorer = Literal["knn", "foundad", "both"]

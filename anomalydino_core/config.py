@@ -52,7 +52,8 @@ class ModelSettings(_Frozen):
     precision: Precision = Field(
         default="auto",
         description="auto: bf16 for DINOv2 where the CPU has AMX/AVX512-BF16 or on CUDA; fp32 for "
-        "EfficientNet-Lite0 (no faster in bf16 on CPU)",
+        "EfficientNet-Lite0 (no faster in bf16 on CPU); int8: int8 weights run by OpenVINO on "
+        "CPU (needs the int8 extra; for CPUs without bf16, docs/runtimes.md)",
     )
     device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda:0...")
     runtime: Runtime = Field(
@@ -140,20 +141,22 @@ class FoundADSettings(_Frozen):
         from .foundad.scoring import ScoringConfig
         from .foundad.training import TrainingConfig
 
+        # FoundAD's projector and its backbone pass run in torch: int8 weights are OpenVINO's
+        torch_precision = "fp32" if model.precision == "int8" else model.precision
         training = TrainingConfig(
             max_epochs=self.max_epochs,
             max_seconds=self.max_seconds,
             pool_size=self.pool_size,
             val_pool_size=self.val_pool_size,
             patience=self.patience,
-            precision=model.precision,
+            precision=torch_precision,
             device=model.device,
             seed=seed,
         )
         score = ScoringConfig(
             top_k=self.top_k,
             map_sigma=scoring.sigma,
-            precision=model.precision,
+            precision=torch_precision,
             device=model.device,
         )
         return FoundADConfig(training=training, scoring=score)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import LoadedBackbone, PreprocessConfig
-from .choices import ComputePrecision, Precision
+from .choices import ModelPrecision, Precision
 from .config import ModelSettings
 from .cpu import cpu_has_fast_bf16
 from .runtimes import BatchRunner, TorchRunner
@@ -28,9 +28,10 @@ def select_device(device: str = "auto") -> torch.device:
 
 def resolve_precision(
     precision: Precision, device: torch.device, *, prefer_bf16: bool = True
-) -> ComputePrecision:
+) -> ModelPrecision:
     """``auto``: bf16 where the hardware runs it natively (AMX / AVX512-BF16, or CUDA) and the
-    backbone profits from it (``prefer_bf16``), else fp32."""
+    backbone profits from it (``prefer_bf16``), else fp32. ``int8`` is never chosen by ``auto``:
+    it is asked for (``anomalydino_core.runtimes.selection``: OpenVINO only)."""
     if precision != "auto":
         return precision
     if not prefer_bf16:

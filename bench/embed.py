@@ -10,9 +10,10 @@ rounds (``anomalydino_core.runtimes.measure``; model time only, inputs are prepr
 quiet and beside the pipeline's preprocessing on one thread (``tasks.runtimes.BESIDE_WORK``, as
 the calibration measures), the least patch cosine to fp32 torch (OpenVINO also as
 ``openvino/<batch>``: the whole batch per inference request, and ``openvino/<n> streams``: one
-image per request in n streams, the other request modes the calibration weighs), and which
-runtime the pipeline's calibration picks (measured afresh into a temporary cache, with its own
-figures: a second, shorter measurement).
+image per request in n streams, the other request modes the calibration weighs; where the model
+runs fp32, ``openvino int8w``: ``--precision int8``'s int8 weights, asked for, never calibrated
+into ``auto``), and which runtime the pipeline's calibration picks (measured afresh into a
+temporary cache, with its own figures: a second, shorter measurement).
 DINOv2 runs with random weights (speed does not depend on the values). On CPU the batch is
 capped as in the pipeline (``cpu_batch_size``: DINOv2 2, EfficientNet-Lite0 1). Exports are cached in
 ``$ANOMALYDINO_CACHE`` (first run: minutes of export per runtime and backbone).
@@ -93,6 +94,8 @@ def bench_backbone(name: str, args: argparse.Namespace) -> None:
             continue
         runners[runtime] = runner
     add_stream_variant(runners, ex, args.threads, cache_root(), notes)  # openvino/<n> streams
+    if ex.precision == "fp32" and "openvino" in runners:
+        add_int8_weights(runners, model, backbone, args.threads, notes)
     calls = timed_calls(runners, batch)  # OpenVINO also as openvino/<batch>
     cosines = {rt: float(patch_cosines(call(), reference).min()) for rt, call in calls.items()}
     result = measure(calls, images_per_call=batch.shape[0], rounds=args.rounds, min_seconds=0.0)
@@ -116,6 +119,21 @@ def bench_backbone(name: str, args: argparse.Namespace) -> None:
             build_extractor(model, backbone), "auto", threads=args.threads, root=Path(tmp)
         )
     print(f"  calibration picks: {picked.text()}")
+
+
+def add_int8_weights(runners: dict, model: ModelSettings, backbone, threads: int, notes) -> None:
+    """``openvino int8w`` (and in streams): the same model with ``--precision int8``'s int8
+    weights, where the model runs fp32 and nncf is installed."""
+    settings = model.model_copy(update={"precision": "int8", "runtime": "openvino"})
+    try:
+        ex = build_extractor(settings, backbone)
+    except ValueError as exc:  # nncf missing
+        notes["openvino int8w"] = f"not here: {exc}"
+        return
+    int8: dict = {"openvino": ex.runner}
+    add_stream_variant(int8, ex, threads, cache_root(), notes)
+    for name, runner in int8.items():
+        runners[name.replace("openvino", "openvino int8w", 1)] = runner
 
 
 def main() -> None:

@@ -215,6 +215,7 @@ def ours_worker(args: argparse.Namespace) -> None:
                 "weights": "random",
                 "resolution": args.resolution,
                 "threads": args.threads,
+                "precision": args.precision,
             },
             "products": {"bottle": {"rotation": args.rotation}},
             "storage": {"link_roots": [str(data.resolve() / "bottle")]},
@@ -254,7 +255,7 @@ def run_ours(data_root: Path, shots: int, test: Path, args) -> dict:
         cmd = [sys.executable, __file__, "--ours-worker", "--mvtec", str(mvtec)]
         cmd += ["--work", str(Path(tmp) / "root"), "--n-shots", str(shots)]
         cmd += ["--resolution", str(args.resolution), "--threads", str(args.threads)]
-        cmd += ["--rotation", args.rotation]
+        cmd += ["--rotation", args.rotation, "--precision", args.precision]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         out, rss, wall = run_measured(cmd, env)
     r = json.loads(out.strip().splitlines()[-1])
@@ -271,6 +272,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resolution", type=int, default=448)
     p.add_argument("--rotation", choices=["informed", "agnostic"], default="informed")
+    p.add_argument("--precision", default="auto", help="ours: model.precision (auto, int8...)")
     p.add_argument("--venv", default=str(REPO / ".data" / "peer-venv"))
     p.add_argument("--anomalib-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ours-worker", action="store_true", help=argparse.SUPPRESS)

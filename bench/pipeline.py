@@ -81,6 +81,7 @@ def main() -> None:
     p.add_argument("--backbone", default="auto")
     p.add_argument("--weights", default=None, help="e.g. 'random' for DINOv2 speed tests")
     p.add_argument("--resolution", type=int, default=448)
+    p.add_argument("--precision", default="auto", help="model.precision (auto, fp32, bf16, int8)")
     p.add_argument("--shots", type=int, default=4)
     p.add_argument("--rotation", choices=["agnostic", "informed"], default="informed")
     p.add_argument("--batch-size", type=int, default=1)
@@ -110,6 +111,7 @@ def main() -> None:
                 "resolution": args.resolution,
                 "batch_size": args.batch_size,
                 "threads": args.threads,
+                "precision": args.precision,
             },
             "runtime": {"concurrency": args.concurrency}
             | ({"chunk_size": args.chunk_size} if args.chunk_size else {}),

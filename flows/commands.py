@@ -15,9 +15,10 @@ from typing import Any
 from flows.exits import outcome
 
 REPO = Path(__file__).resolve().parents[1]
-#: settings that do not change an export (it is fp32, batch-dynamic, CPU)
+#: settings that do not change an export (batch-dynamic, CPU; its weights fp32, or int8 with
+#: --precision int8: bf16 is a compile hint)
 EXPORT_EXCLUDES = frozenset(
-    {"root", "incoming", "references", "model.precision", "model.device", "model.runtime"}
+    {"root", "incoming", "references", "model.device", "model.runtime"}
     | {"model.batch_size", "model.decode_max_pixels"}
 )
 QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
@@ -185,9 +186,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     image_hw = _image_size(args.image_size) if args.image_size else (model.resolution,) * 2
     input_hw = preprocess.input_size(image_hw)
     base = Path(args.output) if args.output else cache_root() / "exports"
-    folder, written = ensure_export(backbone, args.format, input_hw, base)
+    stored = "int8" if model.precision == "int8" else "fp32"  # --precision int8: int8 weights
+    folder, written = ensure_export(backbone, args.format, input_hw, base, stored)
     threads = model.threads or torch.get_num_threads()
-    runner = open_export(folder, args.format, precision="fp32", threads=threads)
+    runner = open_export(folder, args.format, precision=stored, threads=threads)
     check = check_against_torch(runner, args.format, backbone.module, input_hw)
     result = {
         "folder": str(folder),
@@ -195,6 +197,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         "backbone": backbone.identity.name,
         "weights_sha256": backbone.identity.weights_sha256,
         "input_hw": list(input_hw),
+        "weights": stored,
         "min_patch_cosine": check.min_patch_cosine,
         "check_passed": check.passed,
     }
@@ -202,7 +205,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(f"{'wrote' if written else 'found'} {folder}")
-        print(f"  {check.text()} (fp32)")
+        print(f"  {check.text()} ({stored} weights, against fp32 torch)")
     return 0 if check.passed else 1
 
 

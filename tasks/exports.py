@@ -31,6 +31,7 @@ from anomalydino_core.runtimes import (
     ONNX_OPSET,
     OnnxRunner,
     OpenVinoRunner,
+    compress_int8,
     export_rule,
     onnx_session_options,
     openvino_version,
@@ -63,9 +64,9 @@ def exporter_versions(fmt: str) -> dict[str, str]:
 class ExportKey:
     """Everything an exported model's content depends on.
 
-    ``stored_precision`` is fp32 always: OpenVINO applies bf16 when compiling
-    (``INFERENCE_PRECISION_HINT``) and ONNX Runtime runs fp32, so one export serves both
-    precisions and the precision is no part of the files.
+    ``stored_precision`` is fp32, or int8 for OpenVINO's int8 weights (``compress_int8``):
+    OpenVINO applies bf16 when compiling (``INFERENCE_PRECISION_HINT``) and ONNX Runtime runs
+    fp32, so one fp32 export serves both precisions.
     """
 
     format: str
@@ -77,13 +78,27 @@ class ExportKey:
     rule: str = EXPORT_RULE
 
     @classmethod
-    def of(cls, backbone: LoadedBackbone, fmt: str, input_hw: tuple[int, int]) -> ExportKey:
+    def of(
+        cls,
+        backbone: LoadedBackbone,
+        fmt: str,
+        input_hw: tuple[int, int],
+        stored_precision: str = "fp32",
+    ) -> ExportKey:
+        if stored_precision not in ("fp32", "int8") or (stored_precision, fmt) == ("int8", "onnx"):
+            raise ValueError(f"no {fmt} export stores {stored_precision} weights")
+        versions = exporter_versions(fmt)
+        if stored_precision == "int8":
+            import nncf
+
+            versions["nncf"] = nncf.__version__
         return cls(
             format=fmt,
             backbone=backbone.identity.name,
             weights_sha256=backbone.identity.weights_sha256,
             input_hw=(int(input_hw[0]), int(input_hw[1])),
-            versions=tuple(sorted(exporter_versions(fmt).items())),
+            versions=tuple(sorted(versions.items())),
+            stored_precision=stored_precision,
             rule=export_rule(fmt),
         )
 
@@ -137,9 +152,10 @@ def _write_export(backbone: LoadedBackbone, key: ExportKey, folder: Path) -> Non
     if key.format == "openvino":
         import openvino as ov
 
-        ov.save_model(
-            to_openvino(backbone.module, key.input_hw), str(model_path), compress_to_fp16=False
-        )
+        model = to_openvino(backbone.module, key.input_hw)
+        if key.stored_precision == "int8":
+            model = compress_int8(model)
+        ov.save_model(model, str(model_path), compress_to_fp16=False)
     else:
         to_onnx(backbone.module, key.input_hw).save(str(model_path))
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
@@ -148,11 +164,16 @@ def _write_export(backbone: LoadedBackbone, key: ExportKey, folder: Path) -> Non
 
 
 def ensure_export(
-    backbone: LoadedBackbone, fmt: str, input_hw: tuple[int, int], base: Path
+    backbone: LoadedBackbone,
+    fmt: str,
+    input_hw: tuple[int, int],
+    base: Path,
+    stored_precision: str = "fp32",
 ) -> tuple[Path, bool]:
-    """(the folder of a verified export of ``backbone`` for inputs ``input_hw``, whether it was
-    written now). A damaged export is logged, removed and written again."""
-    key = ExportKey.of(backbone, fmt, input_hw)
+    """(the folder of a verified export of ``backbone`` for inputs ``input_hw`` with
+    ``stored_precision`` weights, whether it was written now). A damaged export is logged,
+    removed and written again."""
+    key = ExportKey.of(backbone, fmt, input_hw, stored_precision)
     folder = key.folder(base)
     if folder.exists():
         why = damage(folder, key)

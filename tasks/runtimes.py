@@ -11,15 +11,13 @@ On CUDA ``auto`` is torch.
 ``<cache>`` is this machine's cache (``tasks/machine.py``); exported models live under
 ``<cache>/exports`` (``tasks/exports.py``). An exported runtime is checked against fp32 torch
 (cosine >= 0.999 per patch) on its first use per input size on this machine; the outcome is kept
-beside the export (``checks/<digest>.json``: CPU, runtime version, precision, threads, input
-size), so later processes skip the 2-3.5 s of a ViT-S check at 448 (AMD EPYC, 2 vCPUs). A
-failed check or export leaves that size to torch, with the reason logged (and, during
-calibration, recorded in the JSON as ``rejected``).
+beside the export (``tasks/export_checks.py``). A failed check or export leaves that size to
+torch, with the reason logged (and, during calibration, recorded in the JSON as ``rejected``).
+``model.precision=int8`` runs OpenVINO's int8 export only (torch in fp32 for a rejected size).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
 import importlib.metadata
@@ -37,10 +35,8 @@ import torch
 from anomalydino_core.features import PatchFeatureExtractor, to_input_tensor
 from anomalydino_core.runtimes import (
     EXPORTED,
-    MIN_PATCH_COSINE,
     BatchRunner,
     Calibration,
-    ExportCheck,
     PerShapeRunner,
     RuntimeRejected,
     applicability,
@@ -55,6 +51,7 @@ from anomalydino_core.runtimes import (
     probe_batch,
     request_mode,
 )
+from tasks.export_checks import check_file, read_check, write_check
 from tasks.exports import ensure_export, exporter_versions, open_export
 from tasks.machine import cache_root, cpu_identity, machine_name, write_cache_json
 
@@ -63,10 +60,12 @@ log = logging.getLogger(__name__)
 
 def installed_runtimes() -> frozenset[str]:
     """The exported runtimes whose packages are installed (OpenVINO; ONNX Runtime with the
-    onnx + onnxscript exporter)."""
+    onnx + onnxscript exporter), and ``int8`` where nncf (OpenVINO's int8 weights) is."""
     found = set()
     if importlib.util.find_spec("openvino") is not None:
         found.add("openvino")
+    if importlib.util.find_spec("nncf") is not None:
+        found.add("int8")
     if all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx", "onnxscript")):
         found.add("onnx")
     return frozenset(found)
@@ -152,7 +151,8 @@ def _exported_runner(
     """Export (or find) ``fmt`` for ``input_hw``, open it (OpenVINO: in ``streams`` streams)
     and check it against fp32 torch."""
     try:
-        folder, _ = ensure_export(extractor.backbone, fmt, input_hw, root / "exports")
+        stored = "int8" if extractor.precision == "int8" else "fp32"
+        folder, _ = ensure_export(extractor.backbone, fmt, input_hw, root / "exports", stored)
         runner = open_export(
             folder,
             fmt,
@@ -172,60 +172,6 @@ def _exported_runner(
         raise RuntimeRejected(check.text())
     log.info("%s", check.text())
     return runner
-
-
-def check_file(
-    folder: Path,
-    fmt: str,
-    precision: str,
-    threads: int,
-    input_hw: tuple[int, int],
-    streams: int = 1,
-) -> Path:
-    """Where the check of the export in ``folder`` is kept: one per CPU, runtime version,
-    precision, threads (and streams, when several) and input size (the export itself is
-    content-addressed)."""
-    key: dict[str, object] = {
-        "cpu": cpu_identity(),
-        "runtime": fmt,
-        "versions": runtime_versions(fmt),
-        "precision": precision,
-        "threads": int(threads),
-        "input_hw": list(input_hw),
-        "min_patch_cosine": MIN_PATCH_COSINE,
-    }
-    if streams > 1:
-        key["streams"] = int(streams)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return folder / "checks" / f"{digest}.json"
-
-
-#: The package that runs each exported format.
-RUNTIME_PACKAGE = {"openvino": "openvino", "onnx": "onnxruntime"}
-
-
-def runtime_versions(fmt: str) -> dict[str, str]:
-    package = RUNTIME_PACKAGE[fmt]
-    return {"torch": torch.__version__, package: importlib.metadata.version(package)}
-
-
-def read_check(path: Path) -> ExportCheck | None:
-    """A check of this export made by an earlier process (None: none, or unreadable)."""
-    try:
-        d = json.loads(path.read_text())
-        return ExportCheck(d["runtime"], tuple(d["input_hw"]), float(d["min_patch_cosine"]),
-                           bool(d["passed"]))  # fmt: skip
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def write_check(path: Path, check: ExportCheck) -> None:
-    """Keep ``check`` beside the export (best effort: a read-only cache checks every time)."""
-    data = {**dataclasses.asdict(check), "checked_at": dt.datetime.now(dt.UTC).isoformat()}
-    try:
-        write_cache_json(path, data)
-    except OSError as exc:
-        log.warning("export check not kept at %s: %s", path, exc)
 
 
 def build_runner(
@@ -271,14 +217,22 @@ def attach_runtime(
             raise ValueError(f"model.runtime={runtime}: {why}")
         extractor.use_runner(build_runner(extractor, runtime, threads, root))
         return RuntimeDecision(runtime, runtime)
-    names, _ = candidates(
+    names, left_out = candidates(
         device_type=extractor.device.type,
         precision=extractor.precision,
         has_vit_cpu=has_vit_cpu_blocks(extractor.module),
         installed=installed_runtimes(),
     )
-    if len(names) == 1:
-        return RuntimeDecision("auto", extractor.runtime)
+    if not names:
+        reasons = "; ".join(f"{name}: {why}" for name, why in left_out.items())
+        raise ValueError(
+            f"model.precision={extractor.precision}: no runtime runs it here ({reasons})"
+        )
+    variants = openvino_variants(extractor.batch_size, threads) if names == ["openvino"] else []
+    if len(names) == 1 and len(variants) < 2:  # nothing to choose between
+        if names[0] != extractor.runtime:
+            extractor.use_runner(build_runner(extractor, names[0], threads, root))
+        return RuntimeDecision("auto", names[0])
     key = calibration_key(extractor, threads, names)
     path = calibration_file(key, root)
     cached = None if remeasure else read_calibration(path, key)

@@ -32,7 +32,7 @@ _MODULE_OF = {
             "EXPORT_RULE", "MIN_PATCH_COSINE", "OPENVINO_TOKEN_MULTIPLE", "ONNX_OPSET",
             "BatchRunner", "ExportCheck", "export_rule", "OnnxRunner", "OpenVinoRunner",
             "PerShapeRunner", "RuntimeRejected",
-            "check_against_torch", "exportable_module", "onnx_session_options",
+            "check_against_torch", "compress_int8", "exportable_module", "onnx_session_options",
             "openvino_version", "patch_cosines", "probe_batch", "to_onnx", "to_openvino",
         ],
         "exported",

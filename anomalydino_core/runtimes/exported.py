@@ -11,7 +11,8 @@ once (ViT-S/14 448: conversion 13 s, compilation 0.4 s on a 2-core AMD EPYC), wh
 
 Precision: the exported weights stay fp32 (OpenVINO's IR is saved without fp16 compression);
 bf16 is OpenVINO's compile hint (``INFERENCE_PRECISION_HINT``), so one export serves fp32 and
-bf16. ONNX Runtime has no bf16 matrix kernels on CPU: it runs fp32 only.
+bf16. ONNX Runtime has no bf16 matrix kernels on CPU: it runs fp32 only. ``int8`` is another
+OpenVINO export (:func:`compress_int8`): the linear layers' weights stored as int8.
 
 Every exported runner is checked against the fp32 torch module on a probe batch before use
 (:func:`check_against_torch`, cosine >= 0.999 per patch); a failure, or any error while
@@ -103,6 +104,21 @@ def to_openvino(module: torch.nn.Module, input_hw: tuple[int, int]):
         )
 
 
+def compress_int8(model):
+    """``model`` (``openvino.Model``) with its linear layers' weights int8, symmetric per output
+    channel (nncf's weight compression). OpenVINO runs such a layer as one kernel that unpacks
+    the weights block by block as it multiplies. Intel Xeon without bf16 (AVX-512 only), ViT-S/14
+    448, 2 threads, fp32 hint: 48 "FullyConnectedCompressed" layers on AVX-512 fp32 brgemm where
+    fp32 weights ran 36 of them through MLAS; 190 against 248 ms/img (interleaved medians of 7),
+    in 2 streams at batch 2 176-190 against 240-258 (226-228 against 314 beside the
+    preprocessing); fp16 weights ran as fast as fp32. Least patch cosine to fp32 0.99999 (random
+    weights); OpenVINO's dynamic quantisation of the inputs left the features unchanged there."""
+    import nncf
+
+    nncf.set_log_level(logging.WARNING)  # its per-layer table goes to stdout otherwise
+    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM)
+
+
 def to_onnx(module: torch.nn.Module, input_hw: tuple[int, int]):
     """The ONNX program (``torch.onnx.ONNXProgram``, opset :data:`ONNX_OPSET`) of ``module``
     for (any batch, 3, H, W); input ``x``, output ``features``."""
@@ -122,7 +138,8 @@ def to_onnx(module: torch.nn.Module, input_hw: tuple[int, int]):
 
 
 def openvino_compile_config(precision: str, threads: int, streams: int = 1) -> dict[str, object]:
-    """CPU compile settings: the precision hint (bf16 | f32), ``threads`` threads in all; one
+    """CPU compile settings: the precision hint (bf16 | f32, also for int8 weights), ``threads``
+    threads in all; one
     stream (latency mode: one request at a time, all threads on it) or ``streams`` streams
     sharing the threads, each running its own request."""
     config: dict[str, object] = {

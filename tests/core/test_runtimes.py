@@ -207,6 +207,27 @@ def test_runtime_rules():
         runtime_precision("onnx", "bf16")
 
 
+def test_int8_weights_run_through_openvino_only():
+    installed = frozenset({"openvino", "onnx", "int8"})
+    names, why = candidates(
+        device_type="cpu", precision="int8", has_vit_cpu=True, installed=installed
+    )
+    assert names == ["openvino"] and set(why) == {"torch", "vit_cpu", "onnx"}
+    assert all("int8 weights run through openvino" in reason for reason in why.values())
+    names, why = candidates(
+        device_type="cpu", precision="int8", has_vit_cpu=True, installed=installed - {"int8"}
+    )
+    assert names == [] and "nncf" in why["openvino"]
+    names, why = candidates(
+        device_type="cuda", precision="int8", has_vit_cpu=True, installed=installed
+    )
+    assert names == [] and "CPU only" in why["openvino"]
+    assert runtime_precision("openvino", "int8") == runtime_precision("auto", "int8") == "int8"
+    for runtime in ("torch", "vit_cpu", "onnx"):
+        with pytest.raises(ValueError, match="int8 runs through OpenVINO only"):
+            runtime_precision(runtime, "int8")
+
+
 def test_torch_and_vit_cpu_runners_give_the_extractors_grids():
     backbone = build_backbone("dinov2_vits14")
     ex = PatchFeatureExtractor(backbone, resolution=112, precision="bf16", device="cpu")

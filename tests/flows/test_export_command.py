@@ -50,3 +50,5 @@ def test_bad_export_input_is_named_and_exits_2(tmp_path, capsys):
     assert "--image-size '900by1200'" in capsys.readouterr().err
     assert main([*args, "--resolution", "100", "--output", str(tmp_path)]) == 2
     assert "multiple of 32" in capsys.readouterr().err
+    assert main([*args, "--precision", "int8", "--output", str(tmp_path)]) == 2
+    assert "no onnx export stores int8 weights" in capsys.readouterr().err
