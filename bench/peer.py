@@ -1,7 +1,8 @@
 """Peer benchmark: anomalib 2.7.0's AnomalyDINO ``Engine.predict`` vs this pipeline, end to end.
 
     python bench/peer.py [--shots 1,16] [--reps 2] [--test-images 83] [--threads 2]
-                         [--resolution 448] [--rotation informed] [--venv .data/peer-venv]
+                         [--resolution 448] [--rotation informed] [--precision auto]
+                         [--venv .data/peer-venv]
 
 1. A separate venv (default ``.data/peer-venv``, never a dependency of the project) with
    ``pip install torch==2.14.1 torchvision==0.29.1 anomalib==2.7.0`` (torch from the local

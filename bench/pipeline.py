@@ -1,7 +1,7 @@
 """End-to-end pipeline throughput: the audit flow on the MVTec bottle lot (83 images) vs the model.
 
     python bench/pipeline.py [--backbone auto] [--weights W] [--resolution 448] [--shots 4]
-                             [--rotation informed] [--batch-size 1] [--threads 2]
+                             [--precision auto] [--rotation informed] [--batch-size 1] [--threads 2]
                              [--concurrency 2] [--chunk-size 16] [--index exact_bf16]
                              [--root DIR]
 
