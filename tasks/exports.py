@@ -33,6 +33,7 @@ from anomalydino_core.runtimes import (
     OpenVinoRunner,
     compress_int8,
     export_rule,
+    int8_rule,
     onnx_session_options,
     openvino_version,
     to_onnx,
@@ -87,11 +88,12 @@ class ExportKey:
     ) -> ExportKey:
         if stored_precision not in ("fp32", "int8") or (stored_precision, fmt) == ("int8", "onnx"):
             raise ValueError(f"no {fmt} export stores {stored_precision} weights")
-        versions = exporter_versions(fmt)
+        versions, rule = exporter_versions(fmt), export_rule(fmt)
         if stored_precision == "int8":
             import nncf
 
             versions["nncf"] = nncf.__version__
+            rule = f"{rule}; {int8_rule()}"
         return cls(
             format=fmt,
             backbone=backbone.identity.name,
@@ -99,7 +101,7 @@ class ExportKey:
             input_hw=(int(input_hw[0]), int(input_hw[1])),
             versions=tuple(sorted(versions.items())),
             stored_precision=stored_precision,
-            rule=export_rule(fmt),
+            rule=rule,
         )
 
     def to_dict(self) -> dict:

@@ -275,6 +275,8 @@ def calibrate(
                 rejected[name] = runner.fallback_reasons[(size, size)]
                 continue
         runners[name] = runner
+    if not runners:  # every candidate failed its export or check (int8 weights): torch runs it
+        runners["torch"] = extractor.torch_runner()
     add_stream_variant(runners, extractor, threads, root, rejected)
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -7,17 +7,22 @@ bench/embed.py's business.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pydantic import ValidationError
 
+from anomalydino_core.backbones import build_backbone
 from anomalydino_core.config import FoundADSettings, ModelSettings, ScoringSettings
+from anomalydino_core.features import PatchFeatureExtractor
 from anomalydino_core.runtimes import OpenVinoRunner, PerShapeRunner, patch_cosines
-from tasks.exports import ExportKey, ensure_export
+from tasks.exports import ExportKey, _write_export, ensure_export
 from tasks.models import build_extractor, feature_key, feature_settings
+from tasks.runtimes import attach_runtime
 from tasks.weights import load_backbone
 
 RES = 224
@@ -38,7 +43,15 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def vit():
-    return load_backbone("dinov2_vits14", weights="random")
+    """ViT-S/14 with random weights and its LayerScale gammas at 1: random init leaves them at
+    1e-5, which silences every block, and int8 weights would then change nothing measurable."""
+    backbone = load_backbone("dinov2_vits14", weights="random")
+    with torch.no_grad():
+        for name, parameter in backbone.module.named_parameters():
+            if name.endswith(("ls1.gamma", "ls2.gamma")):
+                parameter.fill_(1.0)
+    identity = dataclasses.replace(backbone.identity, weights_sha256="random:layerscale-1")
+    return dataclasses.replace(backbone, identity=identity)
 
 
 def _weight_types(folder: Path) -> set[str]:
@@ -86,6 +99,33 @@ def test_int8_weights_are_their_own_export_and_match_fp32_torch(vit, cache):
     assert "i8" in _weight_types(int8_folder) and "i8" not in _weight_types(fp32_folder)
     # stored embeddings of int8 weights never mix with fp32 ones
     assert "int8" in feature_key(feature_settings(ex))
+
+
+def test_int8_leaves_convolutions_fp32_so_a_cnn_runs_its_openvino_export(cache):
+    lite0 = load_backbone("efficientnet_lite0")
+    model = ModelSettings(backbone="efficientnet_lite0", resolution=RES, precision="int8")
+    image = [np.random.default_rng(3).integers(0, 255, (RES, 288, 3), dtype=np.uint8)]
+    ex = build_extractor(model, lite0)
+    got = ex.embed(image)[0]
+    assert ex.runtime == "openvino" and not ex.runner.fallback_reasons  # its check passed
+    reference = build_extractor(model.model_copy(update={"precision": "fp32"}), lite0)
+    assert patch_cosines(got, reference.embed(image)[0]).min() >= 0.99999
+    folder, written = ensure_export(lite0, "openvino", (RES, 288), cache / "exports", "int8")
+    assert not written and "i8" not in _weight_types(folder)  # no linear layer to compress
+
+
+def test_an_int8_export_failing_its_check_leaves_the_model_to_fp32_torch(tmp_path):
+    backbone = build_backbone("dinov2_vits14", seed=0)  # random weights, own identity
+    wrong = build_backbone("dinov2_vits14", seed=1)  # what a broken exporter might write
+    key = ExportKey.of(backbone, "openvino", (RES, RES), "int8")
+    folder = key.folder(tmp_path / "exports")
+    folder.mkdir(parents=True)
+    _write_export(wrong, key, folder)  # complete, a valid manifest, the wrong features
+    ex = PatchFeatureExtractor(backbone, resolution=RES, precision="int8", batch_size=2)
+    fp32 = PatchFeatureExtractor(backbone, resolution=RES, precision="fp32").embed(IMAGES)[0]
+    decision = attach_runtime(ex, "auto", threads=2, root=tmp_path)  # OpenVINO's modes measured
+    assert decision.runtime == "torch" and "FAILED" in decision.calibration.rejected["openvino"]
+    np.testing.assert_array_equal(ex.embed(IMAGES)[0], fp32)  # torch ran it, in fp32
 
 
 def test_int8_is_refused_for_runtimes_that_cannot_run_it():
