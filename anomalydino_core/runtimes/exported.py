@@ -118,15 +118,15 @@ def int8_rule() -> str:
 def compress_int8(model):
     """``model`` (``openvino.Model``) with its linear layers' weights int8, symmetric per output
     channel (nncf's weight compression; a model with no linear layer, such as EfficientNet-Lite0,
-    is left as it is). OpenVINO runs such a layer as one kernel that unpacks
-    the weights block by block as it multiplies. Intel Xeon without bf16 (AVX-512 only), ViT-S/14
-    448, 2 threads, fp32 hint: 48 "FullyConnectedCompressed" layers on AVX-512 fp32 brgemm where
-    fp32 weights ran 36 of them through MLAS; 190 against 248 ms/img (interleaved medians of 7),
-    in 2 streams at batch 2 176-190 against 240-258 (226-228 against 314 beside the
-    preprocessing); fp16 weights ran as fast as fp32. Least patch cosine to fp32 over 5 real
-    bottle images 0.99972 (bf16: 0.99997), with random weights and the LayerScale gammas at 1:
-    random init leaves them at 1e-5, which silences the blocks. OpenVINO's dynamic quantisation
-    of the inputs left the features unchanged there."""
+    is left as it is). OpenVINO runs such a layer as one kernel that unpacks the weights block by
+    block as it multiplies. Intel Xeon without bf16 (AVX-512 only), ViT-S/14 448, 2 threads, fp32
+    hint: 48 "FullyConnectedCompressed" layers on AVX-512 fp32 brgemm where fp32 weights ran 36
+    of them through MLAS; 190 against 248 ms/img (interleaved medians of 7), in 2 streams at
+    batch 2 176-190 against 240-258 (226-228 against 314 beside the preprocessing); fp16 weights
+    ran as fast as fp32. Least patch cosine to fp32 over 5 real bottle images 0.99967-0.99972
+    (bf16: 0.99997), with random weights and the LayerScale gammas at 1: random init leaves them
+    at 1e-5, which silences the blocks. OpenVINO's dynamic quantisation of the inputs left the
+    features unchanged there."""
     import nncf
 
     nncf.set_log_level(logging.WARNING)  # its per-layer table goes to stdout otherwise
@@ -157,9 +157,8 @@ def to_onnx(module: torch.nn.Module, input_hw: tuple[int, int]):
 
 def openvino_compile_config(precision: str, threads: int, streams: int = 1) -> dict[str, object]:
     """CPU compile settings: the precision hint (bf16 | f32, also for int8 weights), ``threads``
-    threads in all; one
-    stream (latency mode: one request at a time, all threads on it) or ``streams`` streams
-    sharing the threads, each running its own request."""
+    threads in all; one stream (latency mode: one request at a time, all threads on it) or
+    ``streams`` streams sharing the threads, each running its own request."""
     config: dict[str, object] = {
         "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
         "INFERENCE_NUM_THREADS": int(threads),
