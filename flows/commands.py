@@ -173,7 +173,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from anomalydino_core.runtimes import check_against_torch
-    from tasks.exports import ensure_export, open_export
+    from tasks.exports import ensure_export, open_export, stored_weights
     from tasks.machine import cache_root
     from tasks.models import remote_fetcher
     from tasks.weights import load_backbone
@@ -186,7 +186,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     image_hw = _image_size(args.image_size) if args.image_size else (model.resolution,) * 2
     input_hw = preprocess.input_size(image_hw)
     base = Path(args.output) if args.output else cache_root() / "exports"
-    stored = "int8" if model.precision == "int8" else "fp32"  # --precision int8: int8 weights
+    stored = stored_weights(model.precision)  # --precision int8: int8 weights
     folder, written = ensure_export(backbone, args.format, input_hw, base, stored)
     threads = model.threads or torch.get_num_threads()
     runner = open_export(folder, args.format, precision=stored, threads=threads)

@@ -61,6 +61,12 @@ def exporter_versions(fmt: str) -> dict[str, str]:
     return versions
 
 
+def stored_weights(precision: str) -> str:
+    """The weights an export stores for a model run at ``precision``: int8 for ``int8``
+    (``compress_int8``), else fp32 (bf16 is OpenVINO's compile hint)."""
+    return "int8" if precision == "int8" else "fp32"
+
+
 @dataclass(frozen=True)
 class ExportKey:
     """Everything an exported model's content depends on.

@@ -52,7 +52,7 @@ from anomalydino_core.runtimes import (
     request_mode,
 )
 from tasks.export_checks import check_file, read_check, write_check
-from tasks.exports import ensure_export, exporter_versions, open_export
+from tasks.exports import ensure_export, exporter_versions, open_export, stored_weights
 from tasks.machine import cache_root, cpu_identity, machine_name, write_cache_json
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def _exported_runner(
     """Export (or find) ``fmt`` for ``input_hw``, open it (OpenVINO: in ``streams`` streams)
     and check it against fp32 torch."""
     try:
-        stored = "int8" if extractor.precision == "int8" else "fp32"
+        stored = stored_weights(extractor.precision)
         folder, _ = ensure_export(extractor.backbone, fmt, input_hw, root / "exports", stored)
         runner = open_export(
             folder,
@@ -228,8 +228,8 @@ def attach_runtime(
         raise ValueError(
             f"model.precision={extractor.precision}: no runtime runs it here ({reasons})"
         )
-    variants = openvino_variants(extractor.batch_size, threads) if names == ["openvino"] else []
-    if len(names) == 1 and len(variants) < 2:  # nothing to choose between
+    modes = openvino_variants(extractor.batch_size, threads) if names == ["openvino"] else names
+    if len(names) == 1 and len(modes) == 1:  # nothing to choose between
         if names[0] != extractor.runtime:
             extractor.use_runner(build_runner(extractor, names[0], threads, root))
         return RuntimeDecision("auto", names[0])

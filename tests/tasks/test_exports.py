@@ -8,7 +8,6 @@ bench/embed.py's business.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +29,8 @@ IMAGES = [np.random.default_rng(2).integers(0, 255, (RES, 260, 3), dtype=np.uint
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("anomalydino-cache")
-    saved = os.environ.get("ANOMALYDINO_CACHE")
-    os.environ["ANOMALYDINO_CACHE"] = str(root)
-    yield root
-    if saved is None:
-        os.environ.pop("ANOMALYDINO_CACHE", None)
-    else:
-        os.environ["ANOMALYDINO_CACHE"] = saved
+def cache(module_cache: Path) -> Path:
+    return module_cache
 
 
 @pytest.fixture(scope="module")

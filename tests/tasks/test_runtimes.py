@@ -8,7 +8,6 @@ here asserts a speed; which runtime is faster is the benches' business (bench/em
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +32,8 @@ IMAGES = [
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("anomalydino-cache")
-    saved = os.environ.get("ANOMALYDINO_CACHE")
-    os.environ["ANOMALYDINO_CACHE"] = str(root)
-    yield root
-    if saved is None:
-        os.environ.pop("ANOMALYDINO_CACHE", None)
-    else:
-        os.environ["ANOMALYDINO_CACHE"] = saved
+def cache(module_cache: Path) -> Path:
+    return module_cache
 
 
 @pytest.fixture(scope="module")
